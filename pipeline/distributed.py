@@ -1,0 +1,128 @@
+"""Every distributed detail lives here: process-group start-up, collectives, ZeRO-3 gathers.
+
+Rule kept by every caller: all ranks make the same collectives in the same order, so helpers
+here are called on every rank, even where only one rank uses the result.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import os
+import socket
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.utils import safe_get_full_grad
+
+_MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def device() -> torch.device:
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cpu")
+
+
+def init(timeout_minutes: float = 30.0) -> None:
+    """Start the process group for deepspeed/torchrun launches, mpiexec, or a plain single process."""
+    if dist.is_initialized():
+        return
+    launched = all(v in os.environ for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
+    under_mpi = any(v in os.environ for v in _MPI_RANK_VARS)
+    if not launched and not under_mpi:
+        # A plain `python pipeline/run.py`: a world of one, no launcher needed.
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("LOCAL_RANK", "0")
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if torch.cuda.is_available():
+        torch.cuda.set_device(device())
+    # Long enough for every rank to load a 4-bit 70B model; a dead peer still ends the job.
+    deepspeed.init_distributed(
+        dist_backend=backend,
+        auto_mpi_discovery=under_mpi and not launched,
+        timeout=datetime.timedelta(minutes=timeout_minutes),
+    )
+
+
+def rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def is_main() -> bool:
+    return rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """In-place sum over ranks (no-op for a world of one)."""
+    if world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def broadcast_object(obj: object, src: int = 0) -> object:
+    if world_size() == 1:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def comm_device() -> torch.device:
+    """Where collectives run: the GPU with NCCL, the CPU with gloo."""
+    return device()
+
+
+def verify_identical(tensors: Iterable[torch.Tensor], what: str) -> None:
+    """Stop with a clear error if ranks hold different tensors (one all-reduce of a hash)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().to("cpu").contiguous().numpy().tobytes())
+    # 62 bits so that both h and -h fit in int64; MAX over (h, -h) gives max and -min at once.
+    v = int.from_bytes(h.digest()[:8], "little") >> 2
+    t = torch.tensor([v, -v], dtype=torch.int64, device=comm_device())
+    if world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    if int(t[0]) != v or int(-t[1]) != v:
+        raise RuntimeError(
+            f"{what} differ across ranks (rank {rank()} hash {v:x}, max {int(t[0]):x}, min {int(-t[1]):x}); "
+            "this is a bug: the ranks would prune different units. Stopping."
+        )
+
+
+@contextmanager
+def gathered(params: list[torch.nn.Parameter]) -> Iterator[None]:
+    """Full tensors of ZeRO-3 partitioned parameters inside the block (collective; read-only)."""
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
+
+
+def full_grad(param: torch.nn.Parameter) -> torch.Tensor:
+    """The gradient averaged over ranks and micro-batches (collective under ZeRO-3).
+
+    Only valid between the boundary ``backward()`` and ``step()``; already averaged, so scores
+    built from it must not be all-reduced again as if they were per-rank.
+    """
+    g = safe_get_full_grad(param)
+    if g is None:
+        raise RuntimeError("no gradient for a trainable parameter: read it before engine.step()")
+    return g

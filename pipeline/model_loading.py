@@ -1,0 +1,106 @@
+"""Load a Hugging Face causal LM with a frozen (optionally NF4) base and PEFT LoRA adapters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import bitsandbytes as bnb
+import torch
+from peft import LoraConfig as PeftLoraConfig
+from peft import PeftModel, get_peft_model
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
+from transformers.integrations import HfDeepSpeedConfig
+
+from .config import Config, InputError
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_WEIGHT_FILES = (
+    "model.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model.bin.index.json",
+)
+
+
+class ModelError(InputError):
+    """A model directory that cannot be used, with the fix in the message."""
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name == "auto":
+        return torch.bfloat16 if torch.cuda.is_available() else torch.float32
+    return _DTYPES[name]
+
+
+def check_model_dir(path: str) -> None:
+    d = Path(path)
+    if not d.is_dir():
+        raise ModelError(f"model.path={path}: not a directory; point it at a local Hugging Face model directory")
+    if not (d / "config.json").is_file():
+        raise ModelError(f"model.path={path}: no config.json; is this a Hugging Face model directory?")
+    if not any((d / f).is_file() for f in _WEIGHT_FILES):
+        raise ModelError(
+            f"model.path={path}: no weights ({' or '.join(_WEIGHT_FILES[:2])}); save the model with save_pretrained"
+        )
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(path)
+
+
+def load_model(cfg: Config, ds_config: dict[str, Any]) -> tuple[PeftModel, HfDeepSpeedConfig]:
+    """Returns the PEFT model and the HfDeepSpeedConfig, which the caller keeps alive.
+
+    The HfDeepSpeedConfig must exist before ``from_pretrained`` so that transformers knows about
+    ZeRO-3 (unquantized weights are then created partitioned under ``zero.Init``; quantized ones
+    are loaded whole on each rank and partitioned by ``deepspeed.initialize``).
+    """
+    check_model_dir(cfg.model.path)
+    dtype = resolve_dtype(cfg.model.dtype)
+    hf_ds = HfDeepSpeedConfig(ds_config)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if cfg.model.quantization == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=cfg.model.double_quant,
+            # ZeRO-3 partitions parameters of one dtype; the packed 4-bit bytes are stored as that dtype.
+            bnb_4bit_quant_storage=dtype,
+        )
+    model = AutoModelForCausalLM.from_pretrained(cfg.model.path, **kwargs)
+    for mod in model.modules():
+        if isinstance(mod, bnb.nn.Linear4bit):
+            # On CPUs with AVX512-BF16, bitsandbytes repacks the weight in place on the first
+            # eval-mode forward and flags the quant state; under ZeRO-3 the repacked gathered copy
+            # is thrown away while the flag stays, so every later forward reads garbage.
+            mod.support_avx512bf16_for_cpu = False
+    if cfg.train.gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input grads, unlike prepare_model_for_kbit_training,
+        # which would also upcast and break the quant-storage dtype.
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+    missing = [m for m in cfg.lora.target_modules if m not in present]
+    if missing:
+        raise ModelError(
+            f"lora.target_modules: {missing} not found in {cfg.model.path}; modules include "
+            f"{sorted(n for n in present if n.endswith('proj'))}"
+        )
+    peft_cfg = PeftLoraConfig(
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=list(cfg.lora.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    model = get_peft_model(model, peft_cfg)
+    for name, p in model.named_parameters():
+        p.requires_grad = "lora_" in name
+    return model, hf_ds
+
+
+def model_config(path: str) -> Any:
+    check_model_dir(path)
+    return AutoConfig.from_pretrained(path)

@@ -1,0 +1,87 @@
+"""Pruning orchestration: when to score, scoring events, and mask decisions."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import distributed as D
+from .aggregation import ScoreTracker, all_reduce_scores, combine, mask_grad_scores
+from .config import PruningConfig
+from .importance import ScoreLayout, module_refs, module_scores
+from .masks import Masks
+from .schedule import CubicSchedule
+from .selection import decide
+from .structure import Structure
+
+
+class Pruner:
+    def __init__(self, model: nn.Module, s: Structure, masks: Masks, p: PruningConfig, steps: int, seed: int) -> None:
+        self.s, self.masks, self.p = s, masks, p
+        self.refs = module_refs(model)
+        self.layout = ScoreLayout(s)
+        self.schedule = CubicSchedule(p.target_sparsity, steps, p.warmup, p.cooldown, p.prune_every)
+        self.tracker = ScoreTracker(p.ema)
+        self.decisions: list[int] = []
+        if p.criterion == "lora":
+            has = {r.name for r in self.refs if r.has_lora}
+            for kind, names in (
+                ("heads", ("q_proj", "k_proj", "v_proj", "o_proj")),
+                ("channels", ("gate_proj", "up_proj", "down_proj")),
+            ):
+                if not has & set(names):
+                    raise ValueError(
+                        f"pruning.criterion=lora needs LoRA on at least one of {names} to score {kind}; "
+                        "add them to lora.target_modules or use pruning.criterion=taylor"
+                    )
+        self._random: tuple[torch.Tensor, torch.Tensor] | None = None
+        if p.criterion == "random":
+            g = torch.Generator().manual_seed(seed)  # same draw on every rank
+            self._random = (
+                torch.rand(s.num_layers, s.head_units, generator=g, dtype=torch.float64),
+                torch.rand(s.num_layers, s.intermediate_size, generator=g, dtype=torch.float64),
+            )
+        masks.requires_grad_(p.criterion == "taylor")
+
+    @property
+    def active(self) -> bool:
+        return self.p.target_sparsity > 0
+
+    def score_due(self, t: int) -> bool:
+        """Score on the step grid and right before each decision; nothing after the last one."""
+        if not self.active or t > self.schedule.end:
+            return False
+        return t % self.p.score_every == 0 or self.schedule.is_decision(t)
+
+    def score(self) -> None:
+        """Call on every rank between the boundary backward() and step()."""
+        crit = self.p.criterion
+        if crit in ("lora", "magnitude"):
+            flat = all_reduce_scores(module_scores(self.refs, self.layout, crit))
+            heads, chans = combine(flat, self.layout, self.p.normalize)
+        elif crit == "taylor":
+            heads, chans = mask_grad_scores(self.masks)
+        else:
+            heads, chans = self._random
+        self.tracker.update(heads, chans)
+
+    def decide(self, t: int) -> float:
+        """Apply the scheduled sparsity for step ``t``; returns the scheduled value."""
+        target = self.schedule.sparsity(t)
+        if self.tracker.heads is None:
+            raise RuntimeError("no valid scores before the first mask decision (all scoring events were non-finite)")
+        groups = self.s.num_kv_heads if self.s.head_unit == "query" else 1
+        keep_h, keep_c = decide(
+            self.tracker.heads,
+            self.tracker.channels,
+            self.masks.head_units(),
+            self.masks.channel_units(),
+            target,
+            self.p.scope,
+            self.p.max_layer_sparsity,
+            groups,
+        )
+        self.masks.set_units(keep_h, keep_c)
+        D.verify_identical([self.masks.heads, self.masks.channels], "masks")
+        self.decisions.append(t)
+        return target

@@ -1,0 +1,212 @@
+"""The training loop: ZeRO-3 LoRA fine-tuning with scoring and masking in between."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import numpy as np
+import torch
+from transformers import get_cosine_with_min_lr_schedule_with_warmup
+
+from . import distributed as D
+from .checkpoint import check_output_dir, save_run
+from .config import Config, save_config
+from .data import TrainBatches, eval_batches, load_texts, tokenize_to_blocks
+from .ds_config import resolve
+from .logs import RunLogger, info, peak_memory_mb
+from .masks import Masks
+from .model_loading import load_model, load_tokenizer, model_config
+from .pruner import Pruner
+from .structure import discover, structure_from_config
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@torch.no_grad()
+def evaluate(engine: Any, blocks: torch.Tensor | None, micro_batch: int) -> tuple[float, float]:
+    """Mean token NLL and perplexity over the eval windows (all ranks; forwards are collective)."""
+    if blocks is None:
+        return math.nan, math.nan
+    engine.eval()
+    dev = D.device()
+    acc = torch.zeros(2, dtype=torch.float64, device=D.comm_device())
+    for x, real in eval_batches(blocks, micro_batch, D.world_size(), D.rank()):
+        x = x.to(dev)
+        loss = engine(input_ids=x, labels=x).loss
+        if real:
+            n = x.shape[0] * (x.shape[1] - 1)
+            acc += torch.tensor([loss.item() * n, n], dtype=torch.float64, device=acc.device)
+    engine.train()
+    D.all_reduce_sum(acc)
+    mean = (acc[0] / acc[1]).item()
+    return mean, math.exp(min(mean, 50.0))
+
+
+class Trainer:
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+        D.init()
+        check_output_dir(cfg)
+        # Cheap checks before any heavy work: the model structure and the data.
+        structure_from_config(model_config(cfg.model.path), cfg.pruning.head_unit)
+        self.ds_config = resolve(cfg, D.world_size())
+        seed_everything(cfg.train.seed)
+        self.tokenizer = load_tokenizer(cfg.model.path)
+        t = cfg.train
+        train_blocks = tokenize_to_blocks(
+            load_texts(cfg.data.train, cfg.data.text_field, "data.train"),
+            self.tokenizer,
+            cfg.data.seq_len,
+            "data.train",
+            cfg.data.train,
+        )
+        self.batches = TrainBatches(train_blocks, t.micro_batch_size, t.grad_accum, D.world_size(), D.rank(), t.seed)
+        self.eval_blocks = None
+        if cfg.data.eval:
+            self.eval_blocks = tokenize_to_blocks(
+                load_texts(cfg.data.eval, cfg.data.text_field, "data.eval"),
+                self.tokenizer,
+                cfg.data.seq_len,
+                "data.eval",
+                cfg.data.eval,
+                cfg.data.eval_max_tokens,
+            )
+        model, self._hf_ds = load_model(cfg, self.ds_config)
+        self.structure = discover(model, cfg.pruning.head_unit)
+        self.masks = Masks(self.structure, D.device())
+        self.masks.attach(model)
+        self.pruner = Pruner(model, self.structure, self.masks, cfg.pruning, t.steps, t.seed)
+        params = [p for p in model.parameters() if p.requires_grad]
+        optimizer = None
+        if "optimizer" not in self.ds_config:
+            optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
+        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+            model=model,
+            model_parameters=params,
+            optimizer=optimizer,
+            config=self.ds_config,
+            lr_scheduler=self._scheduler if optimizer is None else self._scheduler(optimizer),
+        )
+        self.engine.train()  # before the first forward (needed on CPU)
+        self.model = model
+
+    def _scheduler(self, optimizer: torch.optim.Optimizer) -> Any:
+        t = self.cfg.train
+        return get_cosine_with_min_lr_schedule_with_warmup(
+            optimizer, num_warmup_steps=t.warmup_steps, num_training_steps=t.steps, min_lr_rate=t.min_lr_ratio
+        )
+
+    def run(self) -> dict[str, Any]:
+        cfg, t = self.cfg, self.cfg.train
+        out = Path(cfg.output.dir)
+        if D.is_main():
+            out.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, out / "config.yaml")
+        D.barrier()
+        s = self.structure
+        info(
+            f"{s.model_type}: {s.num_layers} layers, {s.num_heads} heads / {s.num_kv_heads} KV heads, "
+            f"MLP {s.intermediate_size}; prunable {s.prunable_params:,} params; world {D.world_size()}; "
+            f"decisions at steps {self.pruner.schedule.decision_steps()}"
+        )
+        eval_before = evaluate(self.engine, self.eval_blocks, t.micro_batch_size)
+        info(f"eval before: loss {eval_before[0]:.4f} ppl {eval_before[1]:.2f}")
+        log = RunLogger(out, t.steps)
+        dev = D.device()
+        tokens_per_step = self.batches.global_batch * cfg.data.seq_len
+        last_loss = math.nan
+        scheduled = 0.0
+        try:
+            for step in range(1, t.steps + 1):
+                t0 = time.perf_counter()
+                self.masks.zero_grad()
+                loss_acc = torch.zeros(1, dtype=torch.float64, device=D.comm_device())
+                for micro in range(t.grad_accum):
+                    batch = {k: v.to(dev) for k, v in self.batches.micro_batch(step, micro).items()}
+                    loss = self.engine(**batch).loss
+                    self.engine.backward(loss)
+                    loss_acc += loss.detach().double().to(loss_acc.device)
+                    if micro == t.grad_accum - 1 and self.pruner.score_due(step):
+                        self.pruner.score()  # gradients are complete and not yet consumed by step()
+                    self.engine.step()
+                if self.pruner.schedule.is_decision(step):
+                    scheduled = self.pruner.decide(step)
+                last_loss = (D.all_reduce_sum(loss_acc) / (t.grad_accum * D.world_size())).item()
+                dt = time.perf_counter() - t0
+                values = {
+                    "train/loss": last_loss,
+                    "train/lr": self.engine.get_lr()[0],
+                    "prune/sparsity_scheduled": self.pruner.schedule.sparsity(step),
+                    "prune/sparsity_achieved": self.masks.sparsity(),
+                    "perf/tokens_per_s": tokens_per_step / dt,
+                    "perf/peak_memory_mb": peak_memory_mb(),
+                }
+                if step % t.log_every == 0:
+                    log.scalars(step, values)
+                if t.eval_every and step % t.eval_every == 0 and step != t.steps:
+                    ev = evaluate(self.engine, self.eval_blocks, t.micro_batch_size)
+                    log.scalars(step, {"eval/loss": ev[0], "eval/ppl": ev[1]})
+                log.progress({"loss": f"{last_loss:.3f}", "sparsity": f"{self.masks.sparsity():.3f}"})
+            eval_after = evaluate(self.engine, self.eval_blocks, t.micro_batch_size)
+            log.scalars(t.steps, {"eval/loss": eval_after[0], "eval/ppl": eval_after[1]})
+        finally:
+            log.close()
+        info(f"eval after: loss {eval_after[0]:.4f} ppl {eval_after[1]:.2f}; sparsity {self.masks.sparsity():.4f}")
+        summary = self._summary(scheduled, last_loss, eval_before, eval_after)
+        scores = {f"scores.{k}": v for k, v in self.pruner.tracker.state_dict().items()}
+        save_run(self.model, cfg, self.masks.state_dict(), scores, summary)
+        info(f"wrote {out}")
+        return summary
+
+    def _summary(
+        self, scheduled: float, last_loss: float, before: tuple[float, float], after: tuple[float, float]
+    ) -> dict[str, Any]:
+        cfg, s, m = self.cfg, self.structure, self.masks
+        heads = m.heads.detach().cpu() > 0
+        kv = heads.view(s.num_layers, s.num_kv_heads, s.heads_per_group).any(-1)
+        return {
+            "model_path": cfg.model.path,
+            "model_type": s.model_type,
+            "structure": {
+                "num_layers": s.num_layers,
+                "hidden_size": s.hidden_size,
+                "num_attention_heads": s.num_heads,
+                "num_key_value_heads": s.num_kv_heads,
+                "head_dim": s.head_dim,
+                "intermediate_size": s.intermediate_size,
+                "head_unit": s.head_unit,
+            },
+            "quantization": cfg.model.quantization,
+            "criterion": cfg.pruning.criterion,
+            "scope": cfg.pruning.scope,
+            "target_sparsity": cfg.pruning.target_sparsity,
+            "scheduled_sparsity_final": scheduled,
+            "achieved_sparsity": m.sparsity(),
+            "prunable_params": s.prunable_params,
+            "pruned_params": m.pruned_params(),
+            "kept_heads_per_layer": heads.sum(-1).tolist(),
+            "kept_kv_heads_per_layer": kv.sum(-1).tolist(),
+            "kept_channels_per_layer": (m.channels.detach().cpu() > 0).sum(-1).tolist(),
+            "steps": cfg.train.steps,
+            "world_size": D.world_size(),
+            "global_batch": self.batches.global_batch,
+            "tokens_seen": cfg.train.steps * self.batches.global_batch * cfg.data.seq_len,
+            "decision_steps": self.pruner.decisions,
+            "score_events": self.pruner.tracker.events,
+            "skipped_score_events": self.pruner.tracker.skipped,
+            "train_loss_final": last_loss,
+            "eval_loss_before": before[0],
+            "eval_ppl_before": before[1],
+            "eval_loss_after": after[0],
+            "eval_ppl_after": after[1],
+            "peak_memory_mb": peak_memory_mb(),
+        }

@@ -1,0 +1,147 @@
+"""Shared fixtures: tiny models (Llama GQA, Qwen2 with biases, Mistral) saved with a small tokenizer."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+ROOT = Path(__file__).resolve().parent.parent
+DEMO_TEXT = ROOT / "pipeline" / "demo" / "text" / "train.txt"
+DEMO_VALID = ROOT / "pipeline" / "demo" / "text" / "valid.txt"
+VOCAB = 512
+
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+
+@pytest.fixture(autouse=True)
+def _no_process_group():
+    yield
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB, special_tokens=["<s>", "</s>", "<pad>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tok.train([str(DEMO_TEXT)], trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    out = tmp_path_factory.mktemp("tokenizer")
+    fast.save_pretrained(out)
+    return out
+
+
+def _config(arch: str):
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+
+    common = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=8,
+        num_key_value_heads=4,
+        head_dim=8,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+    )
+    if arch == "llama":
+        return LlamaConfig(**common)
+    if arch == "qwen2":
+        return Qwen2Config(**common)
+    if arch == "mistral":
+        return MistralConfig(**common, sliding_window=None)
+    raise ValueError(arch)
+
+
+@pytest.fixture(scope="session")
+def make_model(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path):
+    """Builds (once per arch) a tiny random model dir with weights of a real scale and the tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cache: dict[str, Path] = {}
+
+    def make(arch: str = "llama") -> Path:
+        if arch not in cache:
+            torch.manual_seed(0)
+            model = AutoModelForCausalLM.from_config(_config(arch), dtype=torch.float32)
+            if arch == "qwen2":  # non-zero biases so that bias handling is exercised
+                for name, p in model.named_parameters():
+                    if name.endswith("bias"):
+                        torch.nn.init.normal_(p, std=0.02)
+            out = tmp_path_factory.mktemp(f"model-{arch}")
+            model.save_pretrained(out, safe_serialization=True)
+            AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+            cache[arch] = out
+        return cache[arch]
+
+    return make
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def write_config(path: Path, model_dir: Path, out_dir: Path, **sections: dict) -> Path:
+    """A small run config for tests; sections override defaults key by key."""
+    import yaml
+
+    cfg = {
+        "model": {"path": str(model_dir), "quantization": "nf4", "dtype": "fp32"},
+        "lora": {"r": 4, "alpha": 8},
+        "data": {"train": str(DEMO_TEXT), "eval": str(DEMO_VALID), "seq_len": 32, "eval_max_tokens": 512},
+        "train": {"steps": 6, "micro_batch_size": 2, "grad_accum": 1, "lr": 0.01, "seed": 0},
+        "pruning": {"target_sparsity": 0.5, "prune_every": 2, "warmup": 0.2, "cooldown": 0.2},
+        "deepspeed": {"config": str(ROOT / "ds_configs" / "zero3_cpu.json")},
+        "output": {"dir": str(out_dir)},
+    }
+    for section, values in sections.items():
+        cfg.setdefault(section, {}).update(values)
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def run_pipeline(config: Path, *overrides: str, ranks: int = 1, timeout: int = 600) -> subprocess.CompletedProcess:
+    """Runs the real CLI: a plain process for ranks=1, the deepspeed launcher otherwise."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    script = str(ROOT / "pipeline" / "run.py")
+    if ranks == 1:
+        cmd = [sys.executable, script]
+    else:
+        cmd = [
+            sys.executable,
+            "-m",
+            "deepspeed.launcher.runner",
+            "--num_gpus",
+            str(ranks),
+            "--master_port",
+            str(free_port()),
+            script,
+        ]
+    cmd += ["--config", str(config), *overrides]
+    return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+
+
+def read_summary(out_dir: Path) -> dict:
+    return json.loads((out_dir / "summary.json").read_text())

@@ -1,0 +1,84 @@
+from pathlib import Path
+
+import pytest
+
+from pipeline.config import ConfigError, load_config, parse_overrides
+from pipeline.ds_config import DeepSpeedConfigError, resolve
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.name)
+def test_every_shipped_config_loads(path: Path):
+    cfg = load_config(path)
+    assert cfg.model.path and cfg.data.train
+    assert (ROOT / cfg.deepspeed.config).is_file(), f"{path.name}: deepspeed.config points at a missing file"
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "ds_configs").glob("*.json")), ids=lambda p: p.name)
+def test_every_ds_config_resolves(path: Path):
+    cfg = load_config(ROOT / "configs" / "demo.yaml", [f"deepspeed.config={path}"])
+    d = resolve(cfg, world_size=2)
+    assert d["train_batch_size"] == cfg.train.micro_batch_size * cfg.train.grad_accum * 2
+
+
+def test_overrides_are_typed():
+    cfg = load_config(
+        ROOT / "configs" / "demo.yaml",
+        ["train.steps=7", "pruning.target_sparsity=0.3", "lora.target_modules=q_proj,v_proj", "train.lr=1e-4"],
+    )
+    assert cfg.train.steps == 7 and cfg.pruning.target_sparsity == 0.3
+    assert cfg.lora.target_modules == ["q_proj", "v_proj"] and cfg.train.lr == 1e-4
+
+
+def test_unknown_key_names_it_and_suggests():
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs" / "demo.yaml", ["pruning.target_sparsty=0.5"])
+    assert "pruning.target_sparsty" in str(e.value) and "did you mean pruning.target_sparsity" in str(e.value)
+
+
+def test_unknown_section():
+    with pytest.raises(ConfigError, match="unknown key prunning"):
+        load_config(ROOT / "configs" / "demo.yaml", ["prunning.scope=global"])
+
+
+@pytest.mark.parametrize("value", ["1.0", "-0.1", "1.5"])
+def test_sparsity_out_of_range(value: str):
+    with pytest.raises(ConfigError, match=r"pruning.target_sparsity=.*must be in \[0, 1\)"):
+        load_config(ROOT / "configs" / "demo.yaml", [f"pruning.target_sparsity={value}"])
+
+
+def test_query_heads_with_global_scope_cannot_be_honoured():
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs" / "demo.yaml", ["pruning.head_unit=query", "pruning.scope=global"])
+    msg = str(e.value)
+    assert "pruning.head_unit=query" in msg and "pruning.scope=uniform" in msg
+
+
+def test_wrong_type_and_choice_collected_in_one_error():
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs" / "demo.yaml", ["train.steps=ten", "pruning.criterion=l1"])
+    msg = str(e.value)
+    assert "train.steps='ten'" in msg
+
+
+def test_bad_choice():
+    with pytest.raises(ConfigError, match="pruning.criterion='l1': must be one of lora"):
+        load_config(ROOT / "configs" / "demo.yaml", ["pruning.criterion=l1"])
+
+
+def test_override_syntax():
+    with pytest.raises(ConfigError, match="dotted.key=value"):
+        parse_overrides(["train.steps"])
+
+
+def test_ds_config_conflict_and_leftover_auto(tmp_path: Path):
+    bad = tmp_path / "ds.json"
+    bad.write_text('{"train_micro_batch_size_per_gpu": 3, "zero_optimization": {"stage": 3, "sub_group_size": "auto"}}')
+    cfg = load_config(ROOT / "configs" / "demo.yaml", [f"deepspeed.config={bad}"])
+    with pytest.raises(DeepSpeedConfigError) as e:
+        resolve(cfg, world_size=1)
+    msg = str(e.value)
+    assert "train_micro_batch_size_per_gpu=3 but train.micro_batch_size=4" in msg
+    assert 'zero_optimization.sub_group_size="auto"' in msg

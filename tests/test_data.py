@@ -1,0 +1,61 @@
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoTokenizer
+
+from pipeline.data import DataError, TrainBatches, eval_batches, load_texts, tokenize_to_blocks
+
+
+def _windows(batches: list[TrainBatches], step: int, gas: int) -> list[list[int]]:
+    out = []
+    for b in batches:
+        for m in range(gas):
+            out += b.micro_batch(step, m)["input_ids"][:, 0].tolist()
+    return sorted(out)
+
+
+def test_global_batch_is_the_same_for_any_launch_shape():
+    blocks = torch.arange(40).view(40, 1).repeat(1, 4)
+    one = [TrainBatches(blocks, 2, 2, world=1, rank=0, seed=3)]
+    two = [TrainBatches(blocks, 2, 1, world=2, rank=r, seed=3) for r in range(2)]
+    for step in (1, 2, 11):  # step 11 wraps into the second epoch
+        assert _windows(one, step, 2) == _windows(two, step, 1)
+    # Ranks see disjoint windows within a step.
+    a, b = (set(t.micro_batch(1, 0)["input_ids"][:, 0].tolist()) for t in two)
+    assert not a & b
+
+
+def test_eval_batches_are_equal_in_number_on_every_rank():
+    blocks = torch.zeros(7, 4, dtype=torch.long)
+    per_rank = [eval_batches(blocks, 2, world=2, rank=r) for r in range(2)]
+    assert len(per_rank[0]) == len(per_rank[1])
+    counted = sum(len(x) for r in per_rank for x, real in r if real)
+    assert counted == 7
+
+
+def test_text_and_jsonl(tmp_path: Path, tokenizer_dir: Path):
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    txt = tmp_path / "a.txt"
+    txt.write_text("hello world\n" * 50)
+    blocks = tokenize_to_blocks(load_texts(str(txt), "text", "data.train"), tok, 16, "data.train", str(txt))
+    assert blocks.shape[1] == 16 and blocks.shape[0] >= 1
+    js = tmp_path / "a.jsonl"
+    js.write_text('{"body": "hello world"}\n' * 50)
+    with pytest.raises(DataError, match="no field 'text'.*data.text_field"):
+        load_texts(str(js), "text", "data.train")
+    assert len(load_texts(str(js), "body", "data.train")) == 50
+
+
+def test_bad_files(tmp_path: Path, tokenizer_dir: Path):
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    with pytest.raises(DataError, match="data.train=.*file not found"):
+        load_texts(str(tmp_path / "missing.txt"), "text", "data.train")
+    empty = tmp_path / "e.txt"
+    empty.write_text("")
+    with pytest.raises(DataError, match="is empty"):
+        load_texts(str(empty), "text", "data.train")
+    short = tmp_path / "s.txt"
+    short.write_text("hi")
+    with pytest.raises(DataError, match="fewer than one sequence of data.seq_len=64"):
+        tokenize_to_blocks(load_texts(str(short), "text", "data.train"), tok, 64, "data.train", str(short))
