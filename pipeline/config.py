@@ -48,6 +48,7 @@ class DataConfig:
     seq_len: int = 256
     text_field: str = "text"  # field read from jsonl records
     eval_max_tokens: int = 40000  # evaluate on the first N tokens of data.eval (0 = all)
+    eval_seq_len: int = 0  # window length for evaluation (0 = data.seq_len)
 
 
 @dataclass
@@ -159,7 +160,7 @@ def _validate(cfg: Config) -> list[str]:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:
             errs.append(f"{key}={getattr(getattr(cfg, section), name)}: must be >= 1")
-    for key in ("train.eval_every", "train.warmup_steps", "data.eval_max_tokens"):
+    for key in ("train.eval_every", "train.warmup_steps", "data.eval_max_tokens", "data.eval_seq_len"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 0:
             errs.append(f"{key}: must be >= 0")

@@ -75,7 +75,7 @@ class Trainer:
             self.eval_blocks = tokenize_to_blocks(
                 load_texts(cfg.data.eval, cfg.data.text_field, "data.eval"),
                 self.tokenizer,
-                cfg.data.seq_len,
+                cfg.data.eval_seq_len or cfg.data.seq_len,
                 "data.eval",
                 cfg.data.eval,
                 cfg.data.eval_max_tokens,
