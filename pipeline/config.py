@@ -73,12 +73,13 @@ class PruningConfig:
     criterion: str = "lora"  # lora | taylor | magnitude | random
     scope: str = "global"  # global (across layers) | uniform (same count in every layer)
     head_unit: str = "kv_group"  # kv_group (a KV head with its query heads) | query (same count per group)
-    normalize: str = "l2"  # l2: per-module L2 normalisation as in LoRAPrune | none: raw scores
+    lora_reduce: str = "element"  # element: sum |W' * G| (LoRAPrune) | vector: |sum W' * G| per unit
+    normalize: str = "none"  # none: raw scores | l2: per-module, per-layer L2 normalisation (LoRAPrune)
     ema: float = 0.9  # S = ema * S + (1 - ema) * S_new
     score_every: int = 1  # steps between scoring events
     prune_every: int = 10  # steps between mask decisions
-    warmup: float = 0.1  # fraction of steps before the first mask decision
-    cooldown: float = 0.2  # fraction of steps at the end with the final target held
+    warmup: float = 0.05  # fraction of steps before the first mask decision
+    cooldown: float = 0.7  # fraction of steps at the end with the final target held (recovery)
     max_layer_sparsity: float = 0.9  # global scope: no layer loses more than this fraction of a unit kind
 
 
@@ -114,6 +115,7 @@ _CHOICES = {
     "pruning.scope": ("global", "uniform"),
     "pruning.head_unit": ("kv_group", "query"),
     "pruning.normalize": ("l2", "none"),
+    "pruning.lora_reduce": ("element", "vector"),
 }
 
 

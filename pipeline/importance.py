@@ -109,18 +109,27 @@ def lora_module_scores(
     s: float,
     name: str,
     unit: int,
+    reduce: str = "element",
 ) -> torch.Tensor:
-    """Per-unit ``sum |W' * G|`` with the LoRA gradient proxy, computed in row chunks."""
+    """Per-unit score with the LoRA gradient proxy, computed in row chunks.
+
+    ``element``: ``sum |W' * G|`` (LoRAPrune, LLM-Pruner element-wise); ``vector``:
+    ``|sum W' * G|``, the first-order loss change of zeroing the unit's weights in this module
+    (on o/down columns, the LoRA estimate of the mask gradient dL/dm).
+    """
     a, b, ga, gb = (t.float() for t in (a, b, ga, gb))
     per_elem_rows = []
     for r0 in range(0, w.shape[0], _ROW_CHUNK):
         rows = slice(r0, r0 + _ROW_CHUNK)
         merged = w[rows] + s * (b[rows] @ a)
         grad = s * (gb[rows] @ a + b[rows] @ ga - gb[rows] @ ga)
-        e = (merged * grad).abs()
+        e = merged * grad
+        if reduce == "element":
+            e = e.abs()
         per_elem_rows.append(e.sum(0) if name in INPUT_UNIT_MODULES else e.sum(1))
     v = torch.stack(per_elem_rows).sum(0) if name in INPUT_UNIT_MODULES else torch.cat(per_elem_rows)
-    return v.view(-1, unit).sum(-1)
+    v = v.view(-1, unit).sum(-1)
+    return v if reduce == "element" else v.abs()
 
 
 def magnitude_module_scores(w: torch.Tensor, name: str, unit: int) -> torch.Tensor:
@@ -132,7 +141,7 @@ def owner(index: int) -> int:
     return index % D.world_size()
 
 
-def module_scores(refs: list[ModuleRef], layout: ScoreLayout, criterion: str) -> torch.Tensor:
+def module_scores(refs: list[ModuleRef], layout: ScoreLayout, criterion: str, reduce: str = "element") -> torch.Tensor:
     """Flat per-module scores for this rank's modules (zeros elsewhere); collectives on every rank."""
     flat = torch.zeros(layout.numel, dtype=torch.float64, device=D.comm_device())
     me = D.rank()
@@ -153,7 +162,7 @@ def module_scores(refs: list[ModuleRef], layout: ScoreLayout, criterion: str) ->
             dense = dense_weight(w)
             unit = layout.unit_size(ref.name)
             if criterion == "lora":
-                v = lora_module_scores(dense, a.data, b.data, grads[0], grads[1], s, ref.name, unit)
+                v = lora_module_scores(dense, a.data, b.data, grads[0], grads[1], s, ref.name, unit, reduce)
             else:
                 if ref.has_lora:
                     dense = dense + s * (b.data.float() @ a.data.float())

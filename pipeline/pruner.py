@@ -57,7 +57,7 @@ class Pruner:
         """Call on every rank between the boundary backward() and step()."""
         crit = self.p.criterion
         if crit in ("lora", "magnitude"):
-            flat = all_reduce_scores(module_scores(self.refs, self.layout, crit))
+            flat = all_reduce_scores(module_scores(self.refs, self.layout, crit, self.p.lora_reduce))
             heads, chans = combine(flat, self.layout, self.p.normalize)
         elif crit == "taylor":
             heads, chans = mask_grad_scores(self.masks)

@@ -1,0 +1,410 @@
+"""tools/compact.py: the compact model computes what the masked model computed, loads, and counts right.
+
+Most run directories are built synthetically (a PEFT adapter with non-zero B, hand-made masks, a
+config.yaml and a summary.json); one test compacts the output of the real pipeline CLI.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import bitsandbytes as bnb
+import pytest
+import torch
+from conftest import DEMO_TEXT, DEMO_VALID, ROOT, read_summary, run_pipeline, write_config
+from peft import LoraConfig, get_peft_model
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+
+from pipeline.config import config_from_dict, save_config
+from pipeline.export import ExportError, export, load_run, module_names, nf4_roundtrip, plan_layer
+from pipeline.export_verify import VerifyError, compare, load_masked_model, logits, sample_inputs, verify
+from pipeline.masks import Masks
+from pipeline.structure import structure_from_config
+
+PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+H, KV, D, HIDDEN, INTER = 8, 4, 8, 64, 96  # the conftest tiny models
+
+
+def _heads(groups: list[list[int]] | None = None, query: list[list[int]] | None = None) -> torch.Tensor:
+    """[2, 8] head mask from kept KV groups per layer, or from kept query heads per layer."""
+    m = torch.zeros(2, H)
+    for layer, kept in enumerate(query or []):
+        m[layer, kept] = 1
+    for layer, kept in enumerate(groups or []):
+        for g in kept:
+            m[layer, 2 * g : 2 * g + 2] = 1
+    return m
+
+
+def _channels(counts: list[int]) -> torch.Tensor:
+    g = torch.Generator().manual_seed(1)
+    m = torch.zeros(2, INTER)
+    for layer, n in enumerate(counts):
+        m[layer, torch.randperm(INTER, generator=g)[:n]] = 1
+    return m
+
+
+MASKS = {  # name -> (scope, head_unit, heads, channels)
+    "uniform_kv": ("uniform", "kv_group", _heads(groups=[[0, 2], [1, 3]]), _channels([48, 48])),
+    "global_kv": ("global", "kv_group", _heads(groups=[[0, 1, 3], [2]]), _channels([30, 70])),
+    "uniform_query": ("uniform", "query", _heads(query=[[0, 3, 4, 7], [1, 2, 5, 6]]), _channels([48, 48])),
+    # Equal widths, but 6 heads: LlamaConfig refuses hidden_size % heads != 0, so per-layer code is used.
+    "uniform_6heads": ("uniform", "kv_group", _heads(groups=[[0, 1, 2], [1, 2, 3]]), _channels([60, 60])),
+    # Not produced by the pipeline: uneven query heads per group, a layer without channels (padded at 0).
+    "odd": ("global", "kv_group", _heads(query=[[0, 1, 2], list(range(8))]), _channels([50, 0])),
+}
+
+
+def make_run(
+    root: Path, model_dir: Path, masks: str, quantization: str = "nf4", lora: dict | None = None, seed: int = 0
+) -> Path:
+    """A finished run directory like pipeline/checkpoint.py writes, without training."""
+    scope, unit, heads, channels = MASKS[masks]
+    run = root / f"run-{masks}-{quantization}"
+    run.mkdir(parents=True)
+    cfg = config_from_dict(
+        {
+            "model": {"path": str(model_dir), "quantization": quantization, "dtype": "fp32"},
+            "lora": {"r": 4, "alpha": 8},
+            "data": {"train": str(DEMO_TEXT), "eval": str(DEMO_VALID), "seq_len": 32},
+            "pruning": {"scope": scope, "head_unit": unit},
+            "output": {"dir": str(run)},
+        }
+    )
+    save_config(cfg, run / "config.yaml")
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=PROJ, **(lora or {})))
+    for n, p in peft.named_parameters():
+        if "lora_B" in n:  # as after training: B != 0, so the merge matters
+            torch.nn.init.normal_(p, std=0.05)
+    peft.save_pretrained(run / "adapter")
+    save_file({"heads": heads, "channels": channels}, run / "masks.safetensors")
+    s = structure_from_config(model.config, unit)
+    m = Masks(s)
+    m.load_state_dict({"heads": heads, "channels": channels})
+    summary = {
+        "model_path": str(model_dir),
+        "model_type": s.model_type,
+        "structure": {
+            "num_layers": s.num_layers,
+            "hidden_size": s.hidden_size,
+            "num_attention_heads": s.num_heads,
+            "num_key_value_heads": s.num_kv_heads,
+            "head_dim": s.head_dim,
+            "intermediate_size": s.intermediate_size,
+            "head_unit": unit,
+        },
+        "quantization": quantization,
+        "criterion": "lora",
+        "scope": scope,
+        "target_sparsity": 0.5,
+        "achieved_sparsity": m.sparsity(),
+        "prunable_params": s.prunable_params,
+        "pruned_params": m.pruned_params(),
+        "kept_heads_per_layer": (heads > 0).sum(-1).tolist(),
+        "kept_kv_heads_per_layer": (heads > 0).view(2, KV, 2).any(-1).sum(-1).tolist(),
+        "kept_channels_per_layer": (channels > 0).sum(-1).tolist(),
+        "steps": 6,
+        "tokens_seen": 384,
+        "eval_ppl_before": 500.0,
+        "eval_ppl_after": 400.0,
+    }
+    (run / "summary.json").write_text(json.dumps(summary))
+    return run
+
+
+def expected_params(base: int, heads: torch.Tensor, channels: torch.Tensor, bias: bool) -> int:
+    """Parameters left after removing the masked units, counted from the masks alone."""
+    removed = 0
+    for layer in range(heads.shape[0]):
+        q = int((heads[layer] != 0).sum())
+        kv = int((heads[layer] != 0).view(KV, H // KV).any(-1).sum())
+        ch = int((channels[layer] != 0).sum())
+        removed += (H - q) * (2 * D * HIDDEN + D * bias) + (KV - kv) * (2 * D * HIDDEN + 2 * D * bias)
+        removed += (INTER - ch) * 3 * HIDDEN
+    return base - removed
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def no_partial(out: Path) -> bool:
+    return not out.exists() and not list(out.parent.glob(f".{out.name}.*"))
+
+
+CASES = [  # arch, quantization, masks, extra LoRA settings
+    ("llama", "nf4", "uniform_kv", {}),
+    ("llama", "nf4", "global_kv", {"rank_pattern": {"q_proj": 2}, "alpha_pattern": {"down_proj": 3.0}}),
+    ("qwen2", "nf4", "global_kv", {"use_rslora": True}),
+    ("qwen2", "nf4", "uniform_query", {}),
+    ("llama", "none", "uniform_query", {}),
+    ("llama", "nf4", "uniform_6heads", {}),
+    ("mistral", "none", "global_kv", {}),
+    ("llama", "none", "odd", {}),
+]
+
+
+@pytest.mark.parametrize(("arch", "quant", "masks", "lora"), CASES, ids=[f"{a}-{q}-{m}" for a, q, m, _ in CASES])
+def test_compact_equals_masked_model(make_model, tmp_path, arch, quant, masks, lora):
+    model_dir = make_model(arch)
+    run = load_run(make_run(tmp_path, model_dir, masks, quant, lora))
+    out = tmp_path / "compact"
+    # Small shards so that the sharded writer and index are exercised.
+    result = export(
+        run, out, merge_into="dequantized", dtype=torch.float32, max_shard_bytes=200_000, log=lambda _: None
+    )
+    files = json.loads((out / "model.safetensors.index.json").read_text())["weight_map"]
+    assert len(set(files.values())) > 1 and all((out / f).is_file() for f in files.values())
+    for f in ("config.json", "README.md", "tokenizer.json", "tokenizer_config.json"):
+        assert (out / f).is_file(), f
+
+    scope, _, heads, channels = MASKS[masks]
+    custom = scope == "global" or (masks == "uniform_6heads" and arch == "llama")
+    config = json.loads((out / "config.json").read_text())
+    assert result.stock == (not custom) and (out / "modeling_pruned.py").is_file() == custom
+    assert ("auto_map" in config) == custom and config["head_dim"] == D
+    compact = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=custom).eval()
+    if not custom:
+        assert type(compact).__module__.startswith("transformers.models.")  # stock, no remote code
+
+    masked, _masks = load_masked_model(run)
+    x = sample_inputs(run, n=2, seq_len=32, log=lambda _: None)
+    diff = compare(logits(masked, x), logits(compact, x))
+    assert diff.rel <= 1e-4 and diff.top1 == 1.0, diff
+
+    layers = compact.model.layers
+    assert [layer.self_attn.q_proj.out_features // D for layer in layers] == result.widths["num_attention_heads"]
+    assert [layer.mlp.down_proj.in_features for layer in layers] == result.widths["intermediate_size"]
+    base_params = n_params(AutoModelForCausalLM.from_pretrained(model_dir))
+    assert n_params(compact) == result.params_after
+    if masks != "odd":
+        assert n_params(compact) == expected_params(base_params, heads, channels, bias=arch == "qwen2")
+        assert base_params - n_params(compact) == run.summary["pruned_params"]
+    else:  # padded: group 1 keeps 2 query heads (one at mask 0), layer 1 keeps 1 channel (at mask 0)
+        assert result.widths == {
+            "num_attention_heads": [4, 8],
+            "num_key_value_heads": [2, 4],
+            "intermediate_size": [50, 1],
+        }
+
+
+def test_original_equals_dequantized_without_quantization(make_model, tmp_path):
+    run = load_run(make_run(tmp_path, make_model("llama"), "uniform_kv", "none"))
+    a = export(run, tmp_path / "a", merge_into="original", log=lambda _: None).out_dir
+    b = export(run, tmp_path / "b", merge_into="dequantized", log=lambda _: None).out_dir
+    ta, tb = (load_file(d / "model-00001-of-00001.safetensors") for d in (a, b))
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+
+
+def test_sharded_base_and_half_precision_output(make_model, tmp_path):
+    """A base saved in shards (with model.safetensors.index.json) compacts to the same tensors."""
+    single = make_model("llama")
+    sharded = tmp_path / "sharded-base"
+    AutoModelForCausalLM.from_pretrained(single).save_pretrained(sharded, max_shard_size="100KB")
+    for f in ("tokenizer.json", "tokenizer_config.json"):
+        (sharded / f).write_bytes((single / f).read_bytes())
+    assert len(list(sharded.glob("model-*.safetensors"))) > 1
+    run = make_run(tmp_path, single, "global_kv")
+    outs = {}
+    for name, base in (("single", single), ("sharded", sharded)):
+        outs[name] = export(load_run(run, base=base), tmp_path / name, dtype=torch.bfloat16, log=lambda _: None)
+    a, b = (load_file(r.out_dir / "model-00001-of-00001.safetensors") for r in outs.values())
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == torch.bfloat16 for k in a)
+    model = AutoModelForCausalLM.from_pretrained(outs["sharded"].out_dir, trust_remote_code=True)
+    assert model.dtype == torch.bfloat16
+
+
+def test_per_layer_model_from_config_generates_with_static_cache():
+    from pipeline.modeling_pruned import PrunedQwen2Config, PrunedQwen2ForCausalLM
+
+    cfg = PrunedQwen2Config(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=8,
+        layer_num_attention_heads=[2, 4, 1],
+        layer_num_key_value_heads=[1, 2, 1],
+        layer_intermediate_size=[5, 48, 1],
+    )
+    torch.manual_seed(0)
+    model = PrunedQwen2ForCausalLM(cfg).eval()
+    shapes = [(m.self_attn.k_proj.out_features, m.mlp.up_proj.out_features) for m in model.model.layers]
+    assert shapes == [(8, 5), (16, 48), (8, 1)] and cfg.num_attention_heads == 4
+    x = torch.randint(0, 64, (1, 5))
+    dynamic = model.generate(x, max_new_tokens=4, do_sample=False)
+    static = model.generate(x, max_new_tokens=4, do_sample=False, cache_implementation="static")
+    assert torch.equal(dynamic, static)
+    with pytest.raises(ValueError, match="not a multiple"):
+        PrunedQwen2Config(num_hidden_layers=1, layer_num_attention_heads=[3], layer_num_key_value_heads=[2])
+
+
+@pytest.mark.parametrize(("dtype", "double_quant"), [(torch.float32, True), (torch.bfloat16, False)])
+def test_nf4_roundtrip_matches_transformers_loader_bitwise(make_model, dtype, double_quant):
+    model_dir = make_model("qwen2")
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=dtype,
+        bnb_4bit_use_double_quant=double_quant,
+        bnb_4bit_quant_storage=dtype,
+    )
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, quantization_config=quant)
+    loaded = {n: m for n, m in model.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert set(loaded) == module_names(model.config)[1]
+    base = load_file(model_dir / "model.safetensors")
+    for name, mod in loaded.items():
+        theirs = bnb.functional.dequantize_4bit(mod.weight.data, mod.weight.quant_state)
+        assert torch.equal(nf4_roundtrip(base[f"{name}.weight"], dtype, double_quant), theirs), name
+
+
+def test_plan_pads_uneven_groups_and_empty_layers():
+    p = plan_layer(torch.tensor([1.0, 0, 1, 1, 0, 0, 0, 0]), torch.tensor([0.0, 1, 0, 1]), heads_per_group=2)
+    assert p.q_heads.tolist() == [0, 1, 2, 3] and p.kv_heads.tolist() == [0, 1]
+    assert p.head_scale.tolist() == [1, 0, 1, 1] and p.channels.tolist() == [1, 3] and p.padding == 1
+    empty = plan_layer(torch.zeros(8), torch.zeros(4), heads_per_group=2)
+    assert (empty.num_heads, empty.num_kv_heads, empty.intermediate_size, empty.padding) == (1, 1, 1, 2)
+    assert empty.head_scale.tolist() == [0] and empty.channel_scale.tolist() == [0]
+
+
+def test_modeling_code_imports_only_torch_and_transformers():
+    tree = ast.parse((ROOT / "pipeline" / "modeling_pruned.py").read_text())
+    roots = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    roots |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0}
+    assert roots <= {"__future__", "collections", "dataclasses", "typing", "torch", "transformers"}, roots
+    assert not any(isinstance(n, ast.ImportFrom) and n.level for n in ast.walk(tree))  # no relative imports
+
+
+def test_verify_reports_and_gates(make_model, tmp_path):
+    run = load_run(make_run(tmp_path, make_model("llama"), "global_kv"))
+    reports = []
+
+    def check(staged: Path, result) -> None:
+        kw = {"samples": 2, "seq_len": 16, "warmup": 1, "repeats": 2, "log": lambda _: None}
+        reports.append(verify(run, staged, result.merge_into, trust_remote_code=not result.stock, **kw))
+
+    export(run, tmp_path / "ok", merge_into="dequantized", check=check, log=lambda _: None)
+    r = reports[0]
+    assert r.tolerance == 1e-4 and r.diff.rel <= 1e-4
+    assert r.params_compact < r.params_dense and set(r.tokens_per_s) == {"dense", "compact"}
+    assert all(v > 0 for v in r.tokens_per_s.values())
+    # An original merge of an NF4 run differs by the quantization error: reported, gated only on request.
+    export(run, tmp_path / "orig", merge_into="original", check=check, log=lambda _: None)
+    assert reports[1].tolerance is None and reports[1].diff.rel > 1e-4
+
+    def strict(staged: Path, result) -> None:
+        verify(run, staged, "original", trust_remote_code=True, tolerance=1e-4, samples=1, seq_len=8, repeats=1)
+
+    out = tmp_path / "bad"
+    with pytest.raises(VerifyError, match="relative logit difference"):
+        export(run, out, merge_into="original", check=strict, log=lambda _: None)
+    assert no_partial(out)
+
+
+# ---------------------------------------------------------------------------------------- bad input
+
+
+@pytest.fixture
+def good_run(make_model, tmp_path) -> Path:
+    return make_run(tmp_path, make_model("llama"), "uniform_kv")
+
+
+def _compact(run: Path, out: Path, *extra: str) -> int:
+    spec = importlib.util.spec_from_file_location("compact_cli", ROOT / "tools" / "compact.py")
+    cli = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cli)
+    return cli.main(["--run", str(run), "--out", str(out), *extra])
+
+
+@pytest.mark.parametrize(
+    ("remove", "message"),
+    [
+        ("masks.safetensors", r"masks.safetensors is missing"),
+        ("adapter/adapter_model.safetensors", r"adapter_model.safetensors is missing"),
+        ("summary.json", r"summary.json is missing: the run has not finished"),
+    ],
+)
+def test_missing_files_are_named(good_run, tmp_path, capsys, remove, message):
+    (good_run / remove).unlink()
+    out = tmp_path / "out"
+    assert _compact(good_run, out) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and re.search(message, err), err
+    assert no_partial(out)
+
+
+def test_run_from_another_model_is_refused(good_run, make_model, tmp_path):
+    out = tmp_path / "out"
+    with pytest.raises(ExportError, match=r"summary.json was trained on another model.*model_type llama vs qwen2"):
+        export(load_run(good_run, base=make_model("qwen2")), out)
+    assert no_partial(out)
+    masks = load_file(good_run / "masks.safetensors")
+    save_file(
+        {"heads": masks["heads"][:, :4].contiguous(), "channels": masks["channels"]}, good_run / "masks.safetensors"
+    )
+    with pytest.raises(ExportError, match=r"masks.safetensors: masks: heads has shape \(2, 4\)"):
+        load_run(good_run)
+
+
+def test_run_config_from_another_version_is_read(good_run):
+    cfg = good_run / "config.yaml"
+    cfg.write_text(cfg.read_text() + "extra_section: {a: 1}\n")
+    cfg.write_text(cfg.read_text().replace("pruning:\n", "pruning:\n  future_knob: 3\n"))
+    assert "['pruning.future_knob', 'extra_section']" in load_run(good_run).notes[0]
+
+
+def test_adapter_not_matching_base_is_refused(good_run, tmp_path):
+    path = good_run / "adapter" / "adapter_model.safetensors"
+    tensors = load_file(path)
+    key = next(k for k in tensors if "layers.1.mlp.down_proj.lora_B" in k)
+    tensors[key] = torch.zeros(HIDDEN + 8, 4)
+    save_file(tensors, path)
+    out = tmp_path / "out"
+    with pytest.raises(ExportError, match=r"adapter_model.safetensors: .*down_proj adapter is .* pass --base"):
+        export(load_run(good_run), out, log=lambda _: None)
+    assert no_partial(out)  # failed half-way through the weights: the staged directory is gone
+
+
+def test_existing_output_needs_overwrite(good_run, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("x")
+    with pytest.raises(ExportError, match="exists and is not empty.*--overwrite"):
+        export(load_run(good_run), out)
+    assert (out / "keep.txt").is_file()
+    export(load_run(good_run), out, overwrite=True, log=lambda _: None)
+    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    with pytest.raises(ExportError, match="would overwrite"):
+        export(load_run(good_run), good_run, overwrite=True)
+
+
+# ------------------------------------------------------------------------------------- real pipeline
+
+
+def test_real_pipeline_run_compacts_and_verifies(make_model, tmp_path):
+    run = tmp_path / "run"
+    cfg = write_config(tmp_path / "cfg.yaml", make_model("qwen2"), run, pruning={"target_sparsity": 0.4})
+    proc = run_pipeline(cfg)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = read_summary(run)
+    out = tmp_path / "compact"
+    cmd = [sys.executable, str(ROOT / "tools" / "compact.py"), "--run", str(run), "--out", str(out)]
+    cmd += ["--merge-into", "dequantized", "--verify", "--verify-samples", "2", "--speed-repeats", "2"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert "compact vs masked logits" in proc.stdout and "forward tokens/s" in proc.stdout
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=(out / "modeling_pruned.py").exists())
+    base = AutoModelForCausalLM.from_pretrained(make_model("qwen2"))
+    assert n_params(base) - n_params(model) == summary["pruned_params"]
+    assert "## Verification" in (out / "README.md").read_text()
