@@ -1,8 +1,9 @@
 """From per-module scores to one smoothed score per unit, identical on every rank.
 
 One all-reduce per scoring event sums the per-rank partial score vectors (each unit was scored
-by exactly one rank, the others add zeros). Module vectors are then L2-normalised (LoRAPrune)
-and summed over the projections a unit owns; the moving average runs on the combined scores.
+by exactly one rank, the others add zeros). Module vectors are summed over the projections a unit
+owns (with ``normalize=l2``, each is first L2-normalised per layer as in LoRAPrune, which makes
+layers look alike to a global ranking); the moving average runs on the combined scores.
 """
 
 from __future__ import annotations

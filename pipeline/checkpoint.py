@@ -47,18 +47,32 @@ def _atomic(path: Path, write: Any) -> None:
     os.replace(tmp, path)
 
 
-def save_adapter(model: nn.Module, out_dir: Path) -> None:
-    """Save the PEFT adapter with full tensors; gathers ZeRO-3 shards (collective on every rank)."""
+def save_adapter(model: nn.Module, out_dir: Path, alive: dict[str, torch.Tensor] | None = None) -> None:
+    """Save the PEFT adapter with full tensors; gathers ZeRO-3 shards (collective on every rank).
+
+    With rank pruning (``alive``: kept components per module path), each module is saved at its
+    kept rank: ``rank_pattern`` holds the ranks and ``alpha_pattern`` keeps ``alpha / r`` unchanged.
+    """
     named = [(n, p) for n, p in model.named_parameters() if "lora_" in n]
     with D.gathered([p for _, p in named]):
         state = {n: p.detach().to("cpu", copy=True) for n, p in named} if D.is_main() else {}
-    if D.is_main():
-        tmp = out_dir / ".tmp-adapter"
-        shutil.rmtree(tmp, ignore_errors=True)
-        model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
-        final = out_dir / "adapter"
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
+    if not D.is_main():
+        return
+    peft_cfg = model.peft_config["default"]
+    if alive:
+        scale = peft_cfg.lora_alpha / peft_cfg.r
+        for module, keep in alive.items():
+            for key in [k for k in state if k.startswith(f"base_model.model.{module}.lora_")]:
+                state[key] = state[key][keep] if ".lora_A." in key else state[key][:, keep]
+            r = int(keep.sum())
+            peft_cfg.rank_pattern[module] = r
+            peft_cfg.alpha_pattern[module] = scale * r
+    tmp = out_dir / ".tmp-adapter"
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(str(tmp), state_dict=state, safe_serialization=True)
+    final = out_dir / "adapter"
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
 
 
 def save_run(
@@ -67,9 +81,10 @@ def save_run(
     masks_sd: dict[str, torch.Tensor],
     scores_sd: dict[str, torch.Tensor],
     summary: dict[str, Any],
+    alive: dict[str, torch.Tensor] | None = None,
 ) -> None:
     out = Path(cfg.output.dir)
-    save_adapter(model, out)
+    save_adapter(model, out, alive)
     if D.is_main():
         _atomic(out / "masks.safetensors", lambda p: save_file(masks_sd, str(p)))
         _atomic(

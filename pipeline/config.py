@@ -32,23 +32,72 @@ class ModelConfig:
 
 
 @dataclass
+class RankPruningConfig:
+    """PrunedLoRA-style: adapters start at ``init_r`` and lose rank-1 components down to ``target_r``."""
+
+    enabled: bool = False
+    init_r: int = 32
+    target_r: float = 8.0  # average rank over the adapted modules at the end
+    warmup: float = 0.05  # fraction of steps before the first removal
+    cooldown: float = 0.7  # fraction of steps at the end with the final ranks held
+    every: int = 10  # steps between removals
+    ema: float = 0.9  # moving average of the coefficient-gradient second moment
+
+
+@dataclass
 class LoraConfig:
-    r: int = 8
+    r: int = 8  # ignored when rank_pruning.enabled (init_r is used)
     alpha: float = 16.0
     dropout: float = 0.0
+    rank_dropout: float = 0.0  # DropLoRA: Bernoulli dropout on the r-dim code between A and B
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
+    rank_pruning: RankPruningConfig = field(default_factory=RankPruningConfig)
+
+
+DATA_FORMATS = ("auto", "text", "jsonl", "alpaca", "chat")
+_MIX_KEYS = ("path", "format", "weight", "text_field")
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """One data file or save_to_disk directory, as pipeline/data.py reads it."""
+
+    key: str  # where it is configured, for messages: data.train, data.mix[1], data.eval
+    path: str
+    format: str
+    text_field: str
+    weight: float = 1.0  # training epochs of this source per epoch of the mix (0.5 = a seeded half)
 
 
 @dataclass
 class DataConfig:
-    train: str = ""
+    train: str = ""  # a text/record file or save_to_disk directory
     eval: str = ""
+    # More training sources: a list of {path, format, weight, text_field}; format and text_field
+    # default to data.format and data.text_field, weight to 1.
+    mix: list = field(default_factory=list)
+    format: str = "auto"  # auto | text | jsonl (= text) | alpaca | chat
+    text_field: str = "text"  # field read from records in the text format
     seq_len: int = 256
-    text_field: str = "text"  # field read from jsonl records
+    packing: bool = True  # concatenate documents into seq_len windows; false: one padded row per example
+    truncation: bool = False  # unpacked: cut examples longer than seq_len instead of stopping
+    train_on_prompt: bool = False  # instruction/chat data: loss on prompt tokens too
+    num_proc: int = 2  # tokenizer processes (datasets.map)
+    cache_dir: str = ""  # tokenized windows; "" = ~/.cache/lora-prune/data ($XDG_CACHE_HOME), "none" = off
     eval_max_tokens: int = 40000  # evaluate on the first N tokens of data.eval (0 = all)
     eval_seq_len: int = 0  # window length for evaluation (0 = data.seq_len)
+
+    def sources(self, split: str) -> list[DataSource]:
+        """The sources of ``split`` ("train": data.train then data.mix; "eval": data.eval)."""
+        if split == "eval":
+            return [DataSource("data.eval", self.eval, self.format, self.text_field)] if self.eval else []
+        out = [DataSource("data.train", self.train, self.format, self.text_field)] if self.train else []
+        for i, e in enumerate(self.mix):
+            fmt, text_field = e.get("format", self.format), e.get("text_field", self.text_field)
+            out.append(DataSource(f"data.mix[{i}]", str(e["path"]), fmt, text_field, float(e.get("weight", 1.0))))
+        return out
 
 
 @dataclass
@@ -128,8 +177,7 @@ def _validate(cfg: Config) -> list[str]:
             errs.append(f"{key}={value!r}: must be one of {', '.join(choices)}")
     if not cfg.model.path:
         errs.append("model.path is empty: set it to a local Hugging Face model directory")
-    if not cfg.data.train:
-        errs.append("data.train is empty: set it to a .txt or .jsonl file")
+    errs += _validate_data(cfg.data)
     p = cfg.pruning
     if not 0.0 <= p.target_sparsity < 1.0:
         errs.append(f"pruning.target_sparsity={p.target_sparsity}: must be in [0, 1) (0.5 removes half)")
@@ -162,18 +210,67 @@ def _validate(cfg: Config) -> list[str]:
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:
             errs.append(f"{key}={getattr(getattr(cfg, section), name)}: must be >= 1")
-    for key in ("train.eval_every", "train.warmup_steps", "data.eval_max_tokens", "data.eval_seq_len"):
+    for key in ("train.eval_every", "train.warmup_steps"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 0:
             errs.append(f"{key}: must be >= 0")
-    if cfg.data.seq_len < 2:
-        errs.append(f"data.seq_len={cfg.data.seq_len}: must be >= 2")
     if cfg.train.lr <= 0:
         errs.append(f"train.lr={cfg.train.lr}: must be > 0")
+    rp = cfg.lora.rank_pruning
+    if rp.enabled:
+        if rp.init_r < 2 or not 1 <= rp.target_r < rp.init_r:
+            errs.append(
+                f"lora.rank_pruning: init_r={rp.init_r}, target_r={rp.target_r}: need init_r >= 2 and "
+                "1 <= target_r < init_r (e.g. init_r=32 target_r=8)"
+            )
+        if rp.warmup < 0 or rp.cooldown < 0 or rp.warmup + rp.cooldown >= 1.0 or rp.every < 1:
+            errs.append("lora.rank_pruning: warmup, cooldown >= 0 with warmup + cooldown < 1, and every >= 1")
+        if not 0.0 <= rp.ema < 1.0:
+            errs.append(f"lora.rank_pruning.ema={rp.ema}: must be in [0, 1)")
+    if not 0.0 <= cfg.lora.rank_dropout < 1.0:
+        errs.append(f"lora.rank_dropout={cfg.lora.rank_dropout}: must be in [0, 1) (0.1 to 0.5 are usual)")
     if not 0.0 <= cfg.lora.dropout < 1.0:
         errs.append(f"lora.dropout={cfg.lora.dropout}: must be in [0, 1)")
     if not cfg.lora.target_modules:
         errs.append("lora.target_modules is empty: list the projections to adapt, e.g. [q_proj, o_proj]")
+    return errs
+
+
+def _validate_data(d: DataConfig) -> list[str]:
+    errs: list[str] = []
+    if not d.train and not d.mix:
+        errs.append(
+            "data.train is empty: set it to a text file (.txt), a record file (.jsonl, .json, .csv, .parquet) "
+            "or a save_to_disk directory"
+        )
+    if d.format not in DATA_FORMATS:
+        errs.append(f"data.format={d.format!r}: must be one of {', '.join(DATA_FORMATS)}")
+    for i, e in enumerate(d.mix):
+        key = f"data.mix[{i}]"
+        if not isinstance(e, dict):
+            errs.append(f"{key}={e!r}: expected a mapping of {', '.join(_MIX_KEYS)}, e.g. {{path: a.jsonl, weight: 2}}")
+            continue
+        unknown = [k for k in e if k not in _MIX_KEYS]
+        if unknown:
+            errs.append(f"{key}: unknown key(s) {unknown} (known: {', '.join(_MIX_KEYS)})")
+        if not isinstance(e.get("path"), str) or not e["path"]:
+            errs.append(f"{key}.path: set it to a data file or save_to_disk directory")
+        if "format" in e and e["format"] not in DATA_FORMATS:
+            errs.append(f"{key}.format={e['format']!r}: must be one of {', '.join(DATA_FORMATS)}")
+        if not isinstance(e.get("text_field", ""), str):
+            errs.append(f"{key}.text_field={e['text_field']!r}: expected a field name")
+        w = e.get("weight", 1.0)
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not w > 0:
+            errs.append(f"{key}.weight={w!r}: must be a number > 0 (1 = once per epoch, 2 = twice, 0.5 = half)")
+    if d.seq_len < 2:
+        errs.append(f"data.seq_len={d.seq_len}: must be >= 2")
+    if d.num_proc < 1:
+        errs.append(f"data.num_proc={d.num_proc}: must be >= 1")
+    for key in ("eval_max_tokens", "eval_seq_len"):
+        if getattr(d, key) < 0:
+            errs.append(f"data.{key}: must be >= 0")
+    if d.eval_seq_len == 1:
+        errs.append("data.eval_seq_len=1: must be >= 2 (or 0 = data.seq_len)")
     return errs
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import datetime
 import hashlib
 import os
-import socket
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
@@ -18,14 +17,6 @@ import torch
 import torch.distributed as dist
 from deepspeed.utils import safe_get_full_grad
 
-_MPI_RANK_VARS = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "PMIX_RANK")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def device() -> torch.device:
     if torch.cuda.is_available():
@@ -33,24 +24,26 @@ def device() -> torch.device:
     return torch.device("cpu")
 
 
-def init(timeout_minutes: float = 30.0) -> None:
-    """Start the process group for deepspeed/torchrun launches, mpiexec, or a plain single process."""
+def init(timeout_minutes: float | None = None) -> None:
+    """Start the process group for deepspeed/torchrun launches, mpiexec, a bare srun, or a plain single process.
+
+    The timeout is ``DEEPSPEED_TIMEOUT`` minutes when set (slurm/prune_70b.sh sets it), else 30.
+    """
     if dist.is_initialized():
         return
-    launched = all(v in os.environ for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"))
-    under_mpi = any(v in os.environ for v in _MPI_RANK_VARS)
-    if not launched and not under_mpi:
-        # A plain `python pipeline/run.py`: a world of one, no launcher needed.
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
-    os.environ.setdefault("LOCAL_RANK", "0")
+    from .launch_env import discover  # MPI / Slurm layouts: see pipeline/launch_env.py
+
+    # Before set_device: under mpiexec or srun LOCAL_RANK is only known after discovery.
+    discover(os.environ)
+    if timeout_minutes is None:
+        timeout_minutes = float(os.environ.get("DEEPSPEED_TIMEOUT", "30"))
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if torch.cuda.is_available():
         torch.cuda.set_device(device())
     # Long enough for every rank to load a 4-bit 70B model; a dead peer still ends the job.
     deepspeed.init_distributed(
         dist_backend=backend,
-        auto_mpi_discovery=under_mpi and not launched,
+        auto_mpi_discovery=False,  # done above, with a free port instead of DeepSpeed's fixed 29500
         timeout=datetime.timedelta(minutes=timeout_minutes),
     )
 
@@ -113,6 +106,13 @@ def verify_identical(tensors: Iterable[torch.Tensor], what: str) -> None:
 def gathered(params: list[torch.nn.Parameter]) -> Iterator[None]:
     """Full tensors of ZeRO-3 partitioned parameters inside the block (collective; read-only)."""
     with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
+        yield
+
+
+@contextmanager
+def gathered_for_update(params: list[torch.nn.Parameter]) -> Iterator[None]:
+    """Full tensors inside the block; what rank 0 writes is re-partitioned to every rank on exit."""
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
         yield
 
 

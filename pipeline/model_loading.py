@@ -13,6 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAn
 from transformers.integrations import HfDeepSpeedConfig
 
 from .config import Config, InputError
+from .rank_dropout import attach_rank_dropout
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 _WEIGHT_FILES = (
@@ -70,6 +71,9 @@ def load_model(cfg: Config, ds_config: dict[str, Any]) -> tuple[PeftModel, HfDee
             bnb_4bit_quant_storage=dtype,
         )
     model = AutoModelForCausalLM.from_pretrained(cfg.model.path, **kwargs)
+    # Without a KV cache transformers builds the attention mask from position_ids, which restart
+    # at every packed document, so packed documents do not attend to each other in training.
+    model.config.use_cache = False
     for mod in model.modules():
         if isinstance(mod, bnb.nn.Linear4bit):
             # On CPUs with AVX512-BF16, bitsandbytes repacks the weight in place on the first
@@ -88,7 +92,7 @@ def load_model(cfg: Config, ds_config: dict[str, Any]) -> tuple[PeftModel, HfDee
             f"{sorted(n for n in present if n.endswith('proj'))}"
         )
     peft_cfg = PeftLoraConfig(
-        r=cfg.lora.r,
+        r=cfg.lora.rank_pruning.init_r if cfg.lora.rank_pruning.enabled else cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
         lora_dropout=cfg.lora.dropout,
         target_modules=list(cfg.lora.target_modules),
@@ -96,6 +100,7 @@ def load_model(cfg: Config, ds_config: dict[str, Any]) -> tuple[PeftModel, HfDee
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, peft_cfg)
+    attach_rank_dropout(model, cfg.lora.rank_dropout)
     for name, p in model.named_parameters():
         p.requires_grad = "lora_" in name
     return model, hf_ds

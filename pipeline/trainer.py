@@ -16,12 +16,13 @@ from transformers import get_cosine_with_min_lr_schedule_with_warmup
 from . import distributed as D
 from .checkpoint import check_output_dir, save_run
 from .config import Config, save_config
-from .data import TrainBatches, eval_batches, load_texts, tokenize_to_blocks
+from .data import TrainBatches, Windows, eval_batches, load_split, n_targets
 from .ds_config import resolve
 from .logs import RunLogger, info, peak_memory_mb
 from .masks import Masks
 from .model_loading import load_model, load_tokenizer, model_config
 from .pruner import Pruner
+from .rank_pruning import RankPruner
 from .structure import discover, structure_from_config
 
 
@@ -32,18 +33,20 @@ def seed_everything(seed: int) -> None:
 
 
 @torch.no_grad()
-def evaluate(engine: Any, blocks: torch.Tensor | None, micro_batch: int) -> tuple[float, float]:
-    """Mean token NLL and perplexity over the eval windows (all ranks; forwards are collective)."""
+def evaluate(engine: Any, blocks: Windows | None, micro_batch: int) -> tuple[float, float]:
+    """Mean NLL per target token and perplexity over the eval windows (all ranks; forwards are
+    collective), as pipeline/evaluation.perplexity computes them for plain models."""
     if blocks is None:
         return math.nan, math.nan
     engine.eval()
     dev = D.device()
     acc = torch.zeros(2, dtype=torch.float64, device=D.comm_device())
-    for x, real in eval_batches(blocks, micro_batch, D.world_size(), D.rank()):
-        x = x.to(dev)
-        loss = engine(input_ids=x, labels=x).loss
-        if real:
-            n = x.shape[0] * (x.shape[1] - 1)
+    for batch, real in eval_batches(blocks, micro_batch, D.world_size(), D.rank()):
+        batch = {k: v.to(dev) for k, v in batch.items()}
+        # No KV cache: with one, transformers ignores the packed documents' position_ids in the mask.
+        loss = engine(**batch, use_cache=False).loss
+        n = n_targets(batch["labels"])
+        if real and n:
             acc += torch.tensor([loss.item() * n, n], dtype=torch.float64, device=acc.device)
     engine.train()
     D.all_reduce_sum(acc)
@@ -62,29 +65,22 @@ class Trainer:
         seed_everything(cfg.train.seed)
         self.tokenizer = load_tokenizer(cfg.model.path)
         t = cfg.train
-        train_blocks = tokenize_to_blocks(
-            load_texts(cfg.data.train, cfg.data.text_field, "data.train"),
-            self.tokenizer,
-            cfg.data.seq_len,
-            "data.train",
-            cfg.data.train,
-        )
-        self.batches = TrainBatches(train_blocks, t.micro_batch_size, t.grad_accum, D.world_size(), D.rank(), t.seed)
-        self.eval_blocks = None
-        if cfg.data.eval:
-            self.eval_blocks = tokenize_to_blocks(
-                load_texts(cfg.data.eval, cfg.data.text_field, "data.eval"),
-                self.tokenizer,
-                cfg.data.eval_seq_len or cfg.data.seq_len,
-                "data.eval",
-                cfg.data.eval,
-                cfg.data.eval_max_tokens,
-            )
+        # Before the model: rank 0 tokenizes (or reads the cache) while the others wait, then read it.
+        context = getattr(model_config(cfg.model.path), "max_position_embeddings", None)
+        train = load_split(cfg.data, "train", self.tokenizer, t.seed, context)
+        self.batches = TrainBatches(train, t.micro_batch_size, t.grad_accum, D.world_size(), D.rank(), t.seed)
+        self.eval_blocks = load_split(cfg.data, "eval", self.tokenizer, t.seed, context) if cfg.data.eval else None
         model, self._hf_ds = load_model(cfg, self.ds_config)
         self.structure = discover(model, cfg.pruning.head_unit)
         self.masks = Masks(self.structure, D.device())
         self.masks.attach(model)
         self.pruner = Pruner(model, self.structure, self.masks, cfg.pruning, t.steps, t.seed)
+        rp = cfg.lora.rank_pruning
+        self.rank_pruner = (
+            RankPruner(model, rp.init_r, rp.target_r, t.steps, rp.warmup, rp.cooldown, rp.every, rp.ema)
+            if rp.enabled
+            else None
+        )
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = None
         if "optimizer" not in self.ds_config:
@@ -135,11 +131,16 @@ class Trainer:
                     loss = self.engine(**batch).loss
                     self.engine.backward(loss)
                     loss_acc += loss.detach().double().to(loss_acc.device)
-                    if micro == t.grad_accum - 1 and self.pruner.score_due(step):
-                        self.pruner.score()  # gradients are complete and not yet consumed by step()
+                    if micro == t.grad_accum - 1:  # gradients are complete and not yet consumed by step()
+                        if self.pruner.score_due(step):
+                            self.pruner.score()
+                        if self.rank_pruner and self.rank_pruner.observe_due(step):
+                            self.rank_pruner.observe()
                     self.engine.step()
                 if self.pruner.schedule.is_decision(step):
                     scheduled = self.pruner.decide(step)
+                if self.rank_pruner and self.rank_pruner.is_decision(step):
+                    self.rank_pruner.decide(step, self.engine)  # after step(): weights and Adam moments
                 last_loss = (D.all_reduce_sum(loss_acc) / (t.grad_accum * D.world_size())).item()
                 dt = time.perf_counter() - t0
                 values = {
@@ -150,6 +151,9 @@ class Trainer:
                     "perf/tokens_per_s": tokens_per_step / dt,
                     "perf/peak_memory_mb": peak_memory_mb(),
                 }
+                if self.rank_pruner:
+                    values["lora/adapter_params"] = self.rank_pruner.adapter_params()
+                    values.update({f"lora/rank/{n}": r for n, r in self.rank_pruner.ranks().items()})
                 if step % t.log_every == 0:
                     log.scalars(step, values)
                 if t.eval_every and step % t.eval_every == 0 and step != t.steps:
@@ -163,7 +167,8 @@ class Trainer:
         info(f"eval after: loss {eval_after[0]:.4f} ppl {eval_after[1]:.2f}; sparsity {self.masks.sparsity():.4f}")
         summary = self._summary(scheduled, last_loss, eval_before, eval_after)
         scores = {f"scores.{k}": v for k, v in self.pruner.tracker.state_dict().items()}
-        save_run(self.model, cfg, self.masks.state_dict(), scores, summary)
+        alive = self.rank_pruner.alive if self.rank_pruner else None
+        save_run(self.model, cfg, self.masks.state_dict(), scores, summary, alive)
         info(f"wrote {out}")
         return summary
 
@@ -209,4 +214,6 @@ class Trainer:
             "eval_loss_after": after[0],
             "eval_ppl_after": after[1],
             "peak_memory_mb": peak_memory_mb(),
+            "adapter_ranks": self.rank_pruner.ranks() if self.rank_pruner else None,
+            "adapter_params": self.rank_pruner.adapter_params() if self.rank_pruner else None,
         }

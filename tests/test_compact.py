@@ -321,10 +321,14 @@ def good_run(make_model, tmp_path) -> Path:
 
 
 def _compact(run: Path, out: Path, *extra: str) -> int:
-    spec = importlib.util.spec_from_file_location("compact_cli", ROOT / "tools" / "compact.py")
-    cli = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(cli)
-    return cli.main(["--run", str(run), "--out", str(out), *extra])
+    saved = list(sys.path)  # the script rewrites sys.path[0]; spawned workers of later tests need it back
+    try:
+        spec = importlib.util.spec_from_file_location("compact_cli", ROOT / "tools" / "compact.py")
+        cli = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(cli)
+        return cli.main(["--run", str(run), "--out", str(out), *extra])
+    finally:
+        sys.path[:] = saved
 
 
 @pytest.mark.parametrize(
@@ -360,7 +364,7 @@ def test_run_from_another_model_is_refused(good_run, make_model, tmp_path):
 def test_run_config_from_another_version_is_read(good_run):
     cfg = good_run / "config.yaml"
     cfg.write_text(cfg.read_text() + "extra_section: {a: 1}\n")
-    cfg.write_text(cfg.read_text().replace("pruning:\n", "pruning:\n  future_knob: 3\n"))
+    cfg.write_text(cfg.read_text().replace("\npruning:\n", "\npruning:\n  future_knob: 3\n"))  # top level
     assert "['pruning.future_knob', 'extra_section']" in load_run(good_run).notes[0]
 
 

@@ -4,10 +4,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from pipeline.data import DataError, TrainBatches, eval_batches, load_texts, tokenize_to_blocks
+from pipeline.data import DataError, TrainBatches, Windows, eval_batches, load_texts, tokenize_to_blocks
 
 
-def _windows(batches: list[TrainBatches], step: int, gas: int) -> list[list[int]]:
+def _windows(batches: list[TrainBatches], step: int, gas: int) -> list[int]:
     out = []
     for b in batches:
         for m in range(gas):
@@ -26,12 +26,31 @@ def test_global_batch_is_the_same_for_any_launch_shape():
     assert not a & b
 
 
+def test_ranks_see_disjoint_windows_over_an_epoch():
+    n = 24
+    ids = torch.arange(n).view(n, 1).repeat(1, 4)
+    w = Windows(ids, ids, position_ids=torch.arange(4).repeat(n, 1))
+    ranks = [TrainBatches(w, 3, 2, world=2, rank=r, seed=1) for r in range(2)]
+    per_rank = [[i for step in (1, 2) for i in _windows([r], step, 2)] for r in ranks]  # 2 steps of 12 = an epoch
+    assert not set(per_rank[0]) & set(per_rank[1])
+    assert sorted(per_rank[0] + per_rank[1]) == list(range(n))  # every window once per epoch
+    batch = ranks[0].micro_batch(1, 0)
+    assert set(batch) == {"input_ids", "labels", "position_ids"} and batch["input_ids"].dtype == torch.long
+
+
 def test_eval_batches_are_equal_in_number_on_every_rank():
     blocks = torch.zeros(7, 4, dtype=torch.long)
     per_rank = [eval_batches(blocks, 2, world=2, rank=r) for r in range(2)]
     assert len(per_rank[0]) == len(per_rank[1])
-    counted = sum(len(x) for r in per_rank for x, real in r if real)
+    counted = sum(len(x["input_ids"]) for r in per_rank for x, real in r if real)
     assert counted == 7
+
+
+def test_padded_rows_are_cut_to_the_longest_in_the_batch():
+    ids = torch.arange(12).view(2, 6)
+    mask = torch.tensor([[1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0]])
+    w = Windows(ids, ids, attention_mask=mask)
+    assert w.batch([0, 1])["input_ids"].shape == (2, 3) and w.batch([1])["attention_mask"].shape == (1, 2)
 
 
 def test_text_and_jsonl(tmp_path: Path, tokenizer_dir: Path):

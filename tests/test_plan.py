@@ -1,0 +1,315 @@
+"""tools/plan.py and pipeline/planner.py: presets, monotonicity, the verdict, and planned vs measured bytes."""
+
+from __future__ import annotations
+
+import importlib.util
+import itertools
+import json
+import os
+import subprocess
+import sys
+import weakref
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from conftest import ROOT, free_port, write_config
+
+from pipeline import planner as P
+
+
+def _plan(model: str = "llama2-70b", **kw: Any) -> P.Plan:
+    return P.plan(
+        P.load_model_spec(model),
+        P.Settings(zero=P.ZeroSettings.from_ds_config(ROOT / "ds_configs" / "zero3.json"), **kw),
+    )
+
+
+# --- unit tier ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("preset", ["llama2-70b", "llama3-70b"])
+def test_70b_presets_table(preset: str):
+    m = P.load_model_spec(preset)
+    s = m.structure
+    dims = (s.num_layers, s.hidden_size, s.num_heads, s.num_kv_heads, s.head_dim, s.intermediate_size)
+    assert dims == (80, 8192, 64, 8, 128, 28672)
+    assert m.vocab_size == (32000 if preset == "llama2-70b" else 128256)
+    p = _plan(preset, nodes=2)
+    base = sum(t.weights for t in P.inventory(m, p.settings) if t.kind == "base")
+    assert base == 80 * (8192 * 128 * (2 * 64 + 2 * 8) + 3 * 8192 * 28672)  # 68.5B quantized weights
+    # 0.5 byte per weight, split over 16 ranks; the quant state is not partitioned.
+    assert p.item("4-bit base, ZeRO-3 shard") == pytest.approx(base * 0.5 / 16, rel=1e-4)
+    assert p.item("NF4 quant state (replicated)") == pytest.approx(base / 64, rel=0.02)
+    # A full 4-bit copy per rank while loading: 34 GB for the base alone.
+    assert p.phases["load"] > base * 0.5 and p.peak_phase == "load"
+    text = P.format_plan(p)
+    for needle in ("4-bit base, ZeRO-3 shard", "Adam", "checkpointed layer inputs", "scoring", "total per GPU", "fits"):
+        assert needle in text
+    assert f"{80 * (2 * 64 + 2 * 8 + 3 * 28672):,} x float64" in text
+
+
+def test_monotone_in_nodes_and_load_floor():
+    for preset in ("llama2-70b", "llama3-70b"):
+        plans = [_plan(preset, nodes=n) for n in (1, 2, 4, 8)]
+        for a, b in itertools.pairwise(plans):
+            assert b.phases["train"] < a.phases["train"] and b.phases["score"] <= a.phases["score"]
+            assert b.total <= a.total
+            assert b.phases["load"] == a.phases["load"]  # each rank loads the whole 4-bit model
+
+
+def _plan_cli(monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.setattr(sys, "path", list(sys.path))  # the script rewrites sys.path[0]
+    spec = importlib.util.spec_from_file_location("plan_cli", ROOT / "tools" / "plan.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.main
+
+
+def test_fit_verdict_and_cli_exit_codes(capsys, monkeypatch):
+    assert _plan("llama2-70b", nodes=1).fits
+    small = _plan("llama2-70b", nodes=8, gpu_mem_gb=24)
+    assert not small.fits and small.peak_phase == "load"  # more nodes cannot help: the full 4-bit copy
+    long_ctx = _plan("llama3-70b", nodes=4, seq_len=32768, micro_batch=2)
+    assert not long_ctx.fits and long_ctx.peak_phase == "train"
+    # The script as users run it, once; then its main() in-process.
+    ok = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / "plan.py"), "--model", "llama3-70b", "--nodes", "2"],
+        capture_output=True,
+        text=True,
+    )
+    assert ok.returncode == 0 and "fits" in ok.stdout and "world 16 = 2 node(s) x 8 GPU(s)" in ok.stdout
+    main = _plan_cli(monkeypatch)
+    capsys.readouterr()
+    assert main(["--model", "llama2-70b", "--gpu-mem-gb", "24", "--json"]) == 1
+    assert json.loads(capsys.readouterr().out)["fits"] is False
+    assert main(["--model", "nope-70b"]) == 2 and "not a preset" in capsys.readouterr().err
+
+
+def test_matches_pipeline_constants(make_model, tmp_path):
+    from conftest import _config
+
+    from pipeline.importance import _ROW_CHUNK, ScoreLayout
+
+    assert P.ROW_CHUNK == _ROW_CHUNK
+    m = P.load_model_spec(str(make_model("llama")))  # a model directory
+    assert P.score_vector_len(m.structure) == ScoreLayout(m.structure).numel
+    _config("qwen2").to_json_file(tmp_path / "config.json")  # a bare config.json: no weights needed
+    qwen = P.load_model_spec(str(tmp_path / "config.json"))
+    assert any(t.name.endswith("q_proj.bias") for t in P.inventory(qwen, P.Settings()))
+
+
+def test_ds_config_settings_are_read():
+    offload = P.ZeroSettings.from_ds_config(ROOT / "ds_configs" / "zero3_offload.json")
+    assert offload.offload_optimizer and offload.reduce_bucket == 500_000_000  # DeepSpeed's default
+    p = P.plan(P.load_model_spec("llama2-70b"), P.Settings(zero=offload))
+    assert p.item("Adam: fp32 master + 2 moments") == 0 < _plan().item("Adam: fp32 master + 2 moments")
+    with pytest.raises(P.PlanError, match="must be >= 1"):
+        _plan(nodes=0)
+
+
+def test_communication_scales_with_world():
+    one, two = _plan(nodes=1, gpus_per_node=1), _plan(nodes=2)
+    assert all(per_rank == 0 for _, _, _, per_rank in one.comm)  # a world of one gathers nothing
+    comm = {label: (payload, per_rank) for _, label, payload, per_rank in two.comm}
+    fwd = comm["all-gather of non-persistent params, forward"]
+    base4 = sum(t.numel * t.elem for t in P.inventory(two.model, two.settings) if t.kind == "base")
+    assert base4 < fwd[0] < base4 * 1.1 and fwd[1] == pytest.approx(fwd[0] * 15 / 16)
+
+
+# --- planned vs measured on tiny models --------------------------------------------------------------
+
+
+class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
+    """Peak bytes of tensor storages created inside the block and alive at the same time (CPU has no
+    allocator peak). Outputs that reuse an input's storage (views, in-place ops) are not new."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from torch.utils.weak import WeakIdKeyDictionary
+
+        self.seen = WeakIdKeyDictionary()
+        self.refs: dict[int, weakref.ref] = {}
+        self.cur = self.peak = 0
+
+    def _freed(self, key: int, n: int) -> None:
+        self.cur -= n
+        self.refs.pop(key, None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch.utils._pytree import tree_flatten
+
+        out = func(*args, **(kwargs or {}))
+        inputs = {
+            t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)
+        }
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            st = t.untyped_storage()
+            if st in self.seen or st.data_ptr() in inputs:
+                continue
+            n = st.nbytes()
+            self.seen[st] = n
+            self.cur += n
+            self.peak = max(self.peak, self.cur)
+            key = id(st)
+            self.refs[key] = weakref.ref(st, lambda _, k=key, n=n: self._freed(k, n))
+        return out
+
+
+def _held_bytes(model: torch.nn.Module, optim: Any = None) -> dict[str, int]:
+    """Bytes of the tensors the model (and engine) hold at rest, by kind (unique storages)."""
+    seen: set[int] = set()
+    out: dict[str, int] = {}
+
+    def add(key: str, t: torch.Tensor | None) -> None:
+        if t is None or t.numel() == 0 or t.untyped_storage().data_ptr() in seen:
+            return
+        seen.add(t.untyped_storage().data_ptr())
+        out[key] = out.get(key, 0) + t.untyped_storage().nbytes()
+
+    for name, p in model.named_parameters():
+        kind = "lora" if "lora_" in name else "base" if hasattr(p, "quant_state") else "unq"
+        add(kind, p.data)
+        add(kind, getattr(p, "ds_tensor", None))
+        qs = getattr(p, "quant_state", None)
+        if qs is not None:
+            for t in (qs.absmax, qs.code, qs.offset, *((qs.state2.absmax, qs.state2.code) if qs.nested else ())):
+                add("qstate", t)
+    if optim is None:
+        return out
+    for t in optim.fp32_partitioned_groups_flat:
+        add("adam", t)
+    for state in optim.optimizer.state.values():
+        for t in state.values():
+            add("adam", t)
+    add("grads", optim.grad_partitions_flat_buffer)
+    for bucket in optim.ipg_buckets.values():
+        add("bucket", bucket.buffer)
+    return out
+
+
+def _measure(rank: int, world: int, port: int, config: str, results: Any) -> None:
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        DS_ACCELERATOR="cpu",
+        OMP_NUM_THREADS="1",
+    )
+    import deepspeed
+    import torch.distributed as dist
+
+    from pipeline import distributed as D
+    from pipeline.config import load_config
+    from pipeline.ds_config import resolve
+    from pipeline.importance import ScoreLayout, module_refs, module_scores
+    from pipeline.masks import Masks
+    from pipeline.model_loading import load_model
+    from pipeline.structure import discover
+
+    D.init(timeout_minutes=2)
+    cfg = load_config(config)
+    ds = resolve(cfg, world)
+    model, _hf = load_model(cfg, ds)
+    loaded = sum(_held_bytes(model).values())  # before deepspeed.initialize partitions anything
+    structure = discover(model)
+    Masks(structure).attach(model)  # as the trainer does: the masked copies are activations too
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, optim, _, _ = deepspeed.initialize(
+        model=model, model_parameters=params, optimizer=torch.optim.AdamW(params, lr=1e-3), config=ds
+    )
+    engine.train()
+    x = torch.randint(
+        0, 512, (cfg.train.micro_batch_size, cfg.data.seq_len), generator=torch.Generator().manual_seed(rank)
+    )
+    engine.backward(engine(input_ids=x, labels=x).loss)  # first step: persistent params fetched, Adam state made
+    engine.step()
+    held = _held_bytes(model, optim)
+    with LiveBytes() as train:
+        engine.backward(engine(input_ids=x, labels=x).loss)
+    with LiveBytes() as score:
+        module_scores(module_refs(model), ScoreLayout(structure), "lora")
+    with LiveBytes() as step:
+        engine.step()
+    results[rank] = {"resident": sum(held.values()), "load": loaded, "train": train.peak, "score": score.peak}
+    results[rank] |= {"step": step.peak}
+    dist.destroy_process_group()
+
+
+def _planned(model_dir: Path, world: int, dtype: str, zero: P.ZeroSettings, ckpt: bool) -> P.Plan:
+    st = P.Settings(
+        nodes=world,
+        gpus_per_node=1,
+        seq_len=32,
+        micro_batch=2,
+        lora_r=4,
+        dtype=dtype,
+        zero=zero,
+        gradient_checkpointing=ckpt,
+    )
+    return P.plan(P.load_model_spec(str(model_dir)), st)
+
+
+@pytest.fixture(scope="module")
+def wide_model(tmp_path_factory, tokenizer_dir) -> Path:
+    """The tiny Llama with a 1024-wide MLP, so that a decoder layer, not the logits, sets the peak."""
+    from conftest import _config
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cfg = _config("llama")
+    cfg.intermediate_size = 1024
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("model-wide")
+    AutoModelForCausalLM.from_config(cfg, dtype=torch.float32).save_pretrained(out)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
+    return out
+
+
+# (model, world, dtype, checkpointing): 1 rank holds everything; 2 ranks with a persistence
+# threshold of 300 elements mix partitioned and persistent tensors of every kind.
+CASES = [("llama", 1, "fp32", True), ("wide", 1, "bf16", True), ("wide", 2, "fp32", False)]
+# Measured on CPU: resident and load are exact, train within -6.1 %, score within -5.1 %, step -0.03 %.
+TOLERANCE = {"resident": 0.01, "load": 0.01, "train": 0.10, "score": 0.10, "step": 0.02}
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "-".join(map(str, c)))
+def test_planned_vs_measured(case, make_model, wide_model, tmp_path):
+    import torch.multiprocessing as mp
+
+    arch, world, dtype, ckpt = case
+    model_dir = make_model("llama") if arch == "llama" else wide_model
+    ds = json.loads((ROOT / "ds_configs" / "zero3_cpu.json").read_text())
+    ds["zero_optimization"].update(stage3_param_persistence_threshold=300, reduce_bucket_size=100_000)
+    (tmp_path / "ds.json").write_text(json.dumps(ds))
+    cfg = write_config(
+        tmp_path / "c.yaml",
+        model_dir,
+        tmp_path / "out",
+        model={"dtype": dtype},
+        train={"gradient_checkpointing": ckpt},
+        deepspeed={"config": str(tmp_path / "ds.json")},
+    )
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_measure, args=(world, free_port(), str(cfg), results), nprocs=world, join=True)
+        measured = dict(results)[0]
+    plan = _planned(model_dir, world, dtype, P.ZeroSettings.from_ds_config(tmp_path / "ds.json"), ckpt)
+    resident = sum(v for g, _, v in plan.memory if g == "resident")
+    quantizing = max(o * i for o, i in P.projections(plan.model.structure).values()) * P.DTYPE_BYTES[dtype]
+    planned = {
+        "resident": resident,
+        "load": plan.phases["load"] - quantizing,  # measured after loading, not while quantizing
+        **{k: plan.phases[k] - resident for k in ("train", "score", "step")},
+    }
+    got = dict(measured)
+    errors = {k: planned[k] / got[k] - 1 for k in planned}
+    report = ", ".join(f"{k} planned {planned[k]:,.0f} measured {got[k]:,.0f} ({errors[k]:+.1%})" for k in planned)
+    print(f"{case}: {report}")
+    for k, tol in TOLERANCE.items():
+        assert abs(errors[k]) <= tol, report
