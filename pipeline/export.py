@@ -236,15 +236,7 @@ def load_run(run_dir: str | Path, base: str | Path | None = None) -> Run:
     base_config = AutoConfig.from_pretrained(base_dir)
     head_unit = summary.get("structure", {}).get("head_unit", cfg.pruning.head_unit)
     s = structure_from_config(base_config, head_unit)
-    have = {
-        "model_type": s.model_type,
-        "num_layers": s.num_layers,
-        "hidden_size": s.hidden_size,
-        "num_attention_heads": s.num_heads,
-        "num_key_value_heads": s.num_kv_heads,
-        "head_dim": s.head_dim,
-        "intermediate_size": s.intermediate_size,
-    }
+    have = {"model_type": s.model_type, **{k: v for k, v in s.to_dict().items() if k in _STRUCTURE_KEYS}}
     want = {
         "model_type": summary.get("model_type"),
         **{k: summary.get("structure", {}).get(k) for k in _STRUCTURE_KEYS},

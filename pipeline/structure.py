@@ -34,6 +34,18 @@ class Structure:
     head_unit: str  # kv_group | query
     attn_bias: bool
 
+    def to_dict(self) -> dict[str, int | str]:
+        """Dimensions under their transformers config names (the run summary's ``structure``)."""
+        return {
+            "num_layers": self.num_layers,
+            "hidden_size": self.hidden_size,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "intermediate_size": self.intermediate_size,
+            "head_unit": self.head_unit,
+        }
+
     @property
     def heads_per_group(self) -> int:
         return self.num_heads // self.num_kv_heads

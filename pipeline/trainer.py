@@ -181,15 +181,7 @@ class Trainer:
         return {
             "model_path": cfg.model.path,
             "model_type": s.model_type,
-            "structure": {
-                "num_layers": s.num_layers,
-                "hidden_size": s.hidden_size,
-                "num_attention_heads": s.num_heads,
-                "num_key_value_heads": s.num_kv_heads,
-                "head_dim": s.head_dim,
-                "intermediate_size": s.intermediate_size,
-                "head_unit": s.head_unit,
-            },
+            "structure": s.to_dict(),
             "quantization": cfg.model.quantization,
             "criterion": cfg.pruning.criterion,
             "scope": cfg.pruning.scope,

@@ -93,15 +93,7 @@ def make_run(
     summary = {
         "model_path": str(model_dir),
         "model_type": s.model_type,
-        "structure": {
-            "num_layers": s.num_layers,
-            "hidden_size": s.hidden_size,
-            "num_attention_heads": s.num_heads,
-            "num_key_value_heads": s.num_kv_heads,
-            "head_dim": s.head_dim,
-            "intermediate_size": s.intermediate_size,
-            "head_unit": unit,
-        },
+        "structure": s.to_dict(),
         "quantization": quantization,
         "criterion": "lora",
         "scope": scope,
