@@ -165,9 +165,6 @@ class RankPruner:
         """Parameters of the kept components: r_m * (d_in + d_out) summed over modules."""
         return sum(int(self.alive[n].sum()) * self.sizes[n] for n, _ in self.layers)
 
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        return {f"alive.{n}": a.to(torch.uint8) for n, a in self.alive.items()}
-
 
 def _shape(p: nn.Parameter) -> tuple[int, ...]:
     return tuple(getattr(p, "ds_shape", p.shape))  # ZeRO-3 leaves p.shape == (0,)

@@ -60,13 +60,14 @@ class Trainer:
         D.init()
         check_output_dir(cfg)
         # Cheap checks before any heavy work: the model structure and the data.
-        structure_from_config(model_config(cfg.model.path), cfg.pruning.head_unit)
+        base_config = model_config(cfg.model.path)
+        structure_from_config(base_config, cfg.pruning.head_unit)
         self.ds_config = resolve(cfg, D.world_size())
         seed_everything(cfg.train.seed)
         self.tokenizer = load_tokenizer(cfg.model.path)
         t = cfg.train
         # Before the model: rank 0 tokenizes (or reads the cache) while the others wait, then read it.
-        context = getattr(model_config(cfg.model.path), "max_position_embeddings", None)
+        context = getattr(base_config, "max_position_embeddings", None)
         train = load_split(cfg.data, "train", self.tokenizer, t.seed, context)
         self.batches = TrainBatches(train, t.micro_batch_size, t.grad_accum, D.world_size(), D.rank(), t.seed)
         self.eval_blocks = load_split(cfg.data, "eval", self.tokenizer, t.seed, context) if cfg.data.eval else None
