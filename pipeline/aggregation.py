@@ -99,3 +99,8 @@ class ScoreTracker:
         if self.heads is not None:
             out["heads"], out["channels"] = self.heads.clone(), self.channels.clone()
         return out
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        self.events, self.skipped = int(sd["events"]), int(sd["skipped"])
+        self.heads = sd["heads"].to(torch.float64).clone() if "heads" in sd else None
+        self.channels = sd["channels"].to(torch.float64).clone() if "channels" in sd else None

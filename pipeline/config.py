@@ -114,12 +114,16 @@ class TrainConfig:
     gradient_checkpointing: bool = False
     eval_every: int = 0  # 0 = evaluate only before and after training
     log_every: int = 1
+    save_every: int = 0  # steps between checkpoints in output.dir/checkpoints (0 = only on SIGTERM)
+    keep_last: int = 2  # checkpoints kept; older ones are deleted once a newer one is complete
+    resume: str = "auto"  # auto: newest complete checkpoint in output.dir, if any | none | a checkpoint path
+    max_bad_steps: int = 10  # steps with a non-finite loss or gradient before the run stops
 
 
 @dataclass
 class PruningConfig:
     target_sparsity: float = 0.5  # fraction of prunable attention+MLP parameters removed
-    criterion: str = "lora"  # lora | taylor | magnitude | random
+    criterion: str = "lora"  # lora | full_grad (reference, needs quantization=none) | taylor | magnitude | random
     scope: str = "global"  # global (across layers) | uniform (same count in every layer)
     head_unit: str = "kv_group"  # kv_group (a KV head with its query heads) | query (same count per group)
     lora_reduce: str = "element"  # element: sum |W' * G| (LoRAPrune) | vector: |sum W' * G| per unit
@@ -160,7 +164,7 @@ class Config:
 _CHOICES = {
     "model.quantization": ("nf4", "none"),
     "model.dtype": ("auto", "fp32", "bf16", "fp16"),
-    "pruning.criterion": ("lora", "taylor", "magnitude", "random"),
+    "pruning.criterion": ("lora", "full_grad", "taylor", "magnitude", "random"),
     "pruning.scope": ("global", "uniform"),
     "pruning.head_unit": ("kv_group", "query"),
     "pruning.normalize": ("l2", "none"),
@@ -188,6 +192,12 @@ def _validate(cfg: Config) -> list[str]:
             f"pruning.target_sparsity={p.target_sparsity} exceeds pruning.max_layer_sparsity="
             f"{p.max_layer_sparsity}: raise pruning.max_layer_sparsity"
         )
+    if p.criterion == "full_grad" and cfg.model.quantization != "none":
+        errs.append(
+            f"pruning.criterion=full_grad with model.quantization={cfg.model.quantization}: the full-gradient "
+            "reference needs the full-precision base weights; set model.quantization=none (or use "
+            "pruning.criterion=lora, which works on the 4-bit base)"
+        )
     if p.head_unit == "query" and p.scope == "global":
         errs.append(
             "pruning.head_unit=query with pruning.scope=global cannot be honoured: query-head pruning keeps "
@@ -205,12 +215,16 @@ def _validate(cfg: Config) -> list[str]:
         "train.micro_batch_size",
         "train.grad_accum",
         "train.log_every",
+        "train.keep_last",
+        "train.max_bad_steps",
         "lora.r",
     ):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 1:
             errs.append(f"{key}={getattr(getattr(cfg, section), name)}: must be >= 1")
-    for key in ("train.eval_every", "train.warmup_steps"):
+    if not cfg.train.resume:
+        errs.append("train.resume is empty: use auto (continue the newest checkpoint), none, or a checkpoint path")
+    for key in ("train.eval_every", "train.warmup_steps", "train.save_every"):
         section, name = key.split(".")
         if getattr(getattr(cfg, section), name) < 0:
             errs.append(f"{key}: must be >= 0")

@@ -15,7 +15,7 @@ from contextlib import contextmanager
 import deepspeed
 import torch
 import torch.distributed as dist
-from deepspeed.utils import safe_get_full_grad
+from deepspeed.utils import safe_get_full_grad, safe_get_local_grad, safe_set_local_grad
 
 
 def device() -> torch.device:
@@ -48,6 +48,13 @@ def init(timeout_minutes: float | None = None) -> None:
     )
 
 
+def shutdown() -> None:
+    """Leave the process group after a barrier; without it gloo's threads can abort the interpreter at exit."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def rank() -> int:
     return dist.get_rank() if dist.is_initialized() else 0
 
@@ -65,8 +72,14 @@ def barrier() -> None:
         dist.barrier()
 
 
+# Payload bytes handed to all-reduce by this process, counted in a world of one too (what each rank
+# would send); the perf summary reports them per scoring event.
+traffic = {"all_reduce": 0}
+
+
 def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
     """In-place sum over ranks (no-op for a world of one)."""
+    traffic["all_reduce"] += t.numel() * t.element_size()
     if world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
     return t
@@ -93,6 +106,7 @@ def verify_identical(tensors: Iterable[torch.Tensor], what: str) -> None:
     # 62 bits so that both h and -h fit in int64; MAX over (h, -h) gives max and -min at once.
     v = int.from_bytes(h.digest()[:8], "little") >> 2
     t = torch.tensor([v, -v], dtype=torch.int64, device=comm_device())
+    traffic["all_reduce"] += t.numel() * t.element_size()
     if world_size() > 1:
         dist.all_reduce(t, op=dist.ReduceOp.MAX)
     if int(t[0]) != v or int(-t[1]) != v:
@@ -126,3 +140,17 @@ def full_grad(param: torch.nn.Parameter) -> torch.Tensor:
     if g is None:
         raise RuntimeError("no gradient for a trainable parameter: read it before engine.step()")
     return g
+
+
+def local_grads_finite(params: list[torch.nn.Parameter]) -> bool:
+    """Whether this rank's partitions of the reduced gradients are finite (no communication)."""
+    checks = [torch.isfinite(g).all() for p in params if (g := safe_get_local_grad(p)) is not None]
+    return bool(torch.stack(checks).all()) if checks else True
+
+
+def zero_local_grads(params: list[torch.nn.Parameter]) -> None:
+    """Zero this rank's gradient partitions before ``step()`` (every rank does it, so the update is void)."""
+    for p in params:
+        g = safe_get_local_grad(p)
+        if g is not None:
+            safe_set_local_grad(p, torch.zeros_like(g))

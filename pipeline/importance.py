@@ -7,6 +7,12 @@ different ranks or alphas). The element score ``|W' * G|`` is summed over each u
 (q, k, v, gate, up) or columns (o, down). Only one module's dense weight exists at a time,
 in row chunks; the full base-weight gradient is never formed.
 
+``full_grad`` (LLM-Pruner's element-wise first-order Taylor, the reference): the same
+``sum |W' * G|`` per unit with the exact weight gradient ``G = dL/dW``, accumulated over the
+step's micro-batches by hooks on every projection (``FullGradients``). It needs the
+full-precision base and really materialises one fp32 gradient per projection weight, the memory
+cost the LoRA proxy avoids.
+
 Work split under ZeRO-3: all ranks gather each module's (4-bit) weight and adapters and read
 the averaged LoRA gradients (collectives, same order everywhere), but only the module's owner
 (round-robin over modules) computes its scores; the others contribute zeros to a single
@@ -16,11 +22,14 @@ from the global-batch gradient, exactly as a single process would.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import bitsandbytes as bnb
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from . import distributed as D
 from .structure import ATTN, INPUT_UNIT_MODULES, MLP, Structure, decoder_layers, layer_modules
@@ -137,12 +146,97 @@ def magnitude_module_scores(w: torch.Tensor, name: str, unit: int) -> torch.Tens
     return _reduce_units(w.pow(2), name, unit).sqrt()
 
 
+def taylor_module_scores(w: torch.Tensor, g: torch.Tensor, name: str, unit: int) -> torch.Tensor:
+    """Per-unit ``sum |W' * dL/dW|`` (LLM-Pruner element-wise), in row chunks like the LoRA proxy."""
+    if name in INPUT_UNIT_MODULES:
+        v = sum((w[r : r + _ROW_CHUNK] * g[r : r + _ROW_CHUNK]).abs().sum(0) for r in range(0, w.shape[0], _ROW_CHUNK))
+    else:
+        v = torch.cat(
+            [(w[r : r + _ROW_CHUNK] * g[r : r + _ROW_CHUNK]).abs().sum(1) for r in range(0, w.shape[0], _ROW_CHUNK)]
+        )
+    return v.view(-1, unit).sum(-1)
+
+
+def full_shape(w: nn.Parameter) -> tuple[int, ...]:
+    """The unpartitioned shape of a (ZeRO-3) parameter."""
+    return tuple(w.ds_shape) if hasattr(w, "ds_shape") else tuple(w.shape)
+
+
+class FullGradients:
+    """Exact weight gradients of every projection for the ``full_grad`` criterion.
+
+    While armed, a forward hook keeps each projection's input ``x`` and a hook on its output adds
+    ``grad_out^T x`` (= dL/dW, with the engine's 1/grad_accum loss scaling) into an fp32 buffer of
+    the weight's full shape. Hooks, not ``requires_grad`` on the base weights: the engine keeps
+    treating them as frozen, and nothing is accumulated on steps that are not scored. Inputs that
+    carry no grad (early layers without adapters) are made to, so every projection gets its gradient.
+    """
+
+    def __init__(self, refs: list[ModuleRef]) -> None:
+        self.refs = refs
+        self.armed = False
+        self.grads: list[torch.Tensor | None] = [None] * len(refs)
+        self._handles: list[RemovableHandle] = []
+        for i, ref in enumerate(refs):
+            self._handles.append(ref.module.register_forward_pre_hook(self._pre_hook))
+            self._handles.append(ref.module.register_forward_hook(self._post_hook(i)))
+
+    def arm(self, flag: bool) -> None:
+        """Accumulate from the next forward on (``True``) or not; buffers are cleared either way."""
+        self.armed = flag
+        self.grads = [None] * len(self.refs)
+
+    def _pre_hook(self, _module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...] | None:
+        x = args[0]
+        if self.armed and torch.is_grad_enabled() and not x.requires_grad:
+            return (x.detach().requires_grad_(True), *args[1:])
+        return None
+
+    def _post_hook(self, index: int) -> Callable[[nn.Module, tuple[Any, ...], torch.Tensor], None]:
+        def hook(_module: nn.Module, args: tuple[Any, ...], out: torch.Tensor) -> None:
+            if not (self.armed and torch.is_grad_enabled() and out.requires_grad):
+                return
+            x = args[0].detach()
+
+            def accumulate(g_out: torch.Tensor) -> None:
+                g = g_out.reshape(-1, g_out.shape[-1]).float().T @ x.reshape(-1, x.shape[-1]).float()
+                if self.grads[index] is None:
+                    self.grads[index] = g
+                else:
+                    self.grads[index].add_(g)
+
+            out.register_hook(accumulate)
+
+        return hook
+
+    def averaged(self, index: int) -> torch.Tensor:
+        """This projection's gradient averaged over ranks (a collective: call on every rank, in order)."""
+        g = self.grads[index]
+        if g is None:  # no backward reached it; zeros keep the collectives aligned across ranks
+            g = torch.zeros(full_shape(base_weight(self.refs[index].module)), device=D.device())
+        self.grads[index] = None  # scored once; freed with the caller's reference
+        return D.all_reduce_sum(g.to(D.comm_device())).div_(D.world_size())
+
+    def remove(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+
 def owner(index: int) -> int:
     return index % D.world_size()
 
 
-def module_scores(refs: list[ModuleRef], layout: ScoreLayout, criterion: str, reduce: str = "element") -> torch.Tensor:
-    """Flat per-module scores for this rank's modules (zeros elsewhere); collectives on every rank."""
+def module_scores(
+    refs: list[ModuleRef],
+    layout: ScoreLayout,
+    criterion: str,
+    reduce: str = "element",
+    full: FullGradients | None = None,
+) -> torch.Tensor:
+    """Flat per-module scores for this rank's modules (zeros elsewhere); collectives on every rank.
+
+    ``criterion``: lora, magnitude, or full_grad (then ``full`` holds the accumulated gradients)."""
     flat = torch.zeros(layout.numel, dtype=torch.float64, device=D.comm_device())
     me = D.rank()
     for i, ref in enumerate(refs):
@@ -156,6 +250,8 @@ def module_scores(refs: list[ModuleRef], layout: ScoreLayout, criterion: str, re
         grads = None
         if criterion == "lora":
             grads = (D.full_grad(a), D.full_grad(b))  # collective under ZeRO-3
+        elif criterion == "full_grad":
+            g = full.averaged(i)  # collective: all-reduce of the weight gradient
         with D.gathered(params):  # collective under ZeRO-3
             if owner(i) != me:
                 continue
@@ -164,8 +260,11 @@ def module_scores(refs: list[ModuleRef], layout: ScoreLayout, criterion: str, re
             if criterion == "lora":
                 v = lora_module_scores(dense, a.data, b.data, grads[0], grads[1], s, ref.name, unit, reduce)
             else:
-                if ref.has_lora:
+                if ref.has_lora:  # dL/dW' = dL/dW: the merged weight is what the forward uses
                     dense = dense + s * (b.data.float() @ a.data.float())
-                v = magnitude_module_scores(dense, ref.name, unit)
+                if criterion == "full_grad":
+                    v = taylor_module_scores(dense, g, ref.name, unit)
+                else:
+                    v = magnitude_module_scores(dense, ref.name, unit)
             layout.slice(flat, ref.layer, ref.name).copy_(v.to(flat))
     return flat

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import time
+
 import torch
 from torch import nn
 
 from . import distributed as D
 from .aggregation import ScoreTracker, all_reduce_scores, combine, mask_grad_scores
 from .config import PruningConfig
-from .importance import ScoreLayout, module_refs, module_scores
+from .importance import FullGradients, ScoreLayout, module_refs, module_scores
 from .masks import Masks
 from .schedule import CubicSchedule
 from .selection import decide
@@ -42,6 +44,10 @@ class Pruner:
                 torch.rand(s.num_layers, s.intermediate_size, generator=g, dtype=torch.float64),
             )
         masks.requires_grad_(p.criterion == "taylor")
+        # full_grad: hooks that accumulate every projection's weight gradient on scored steps.
+        self.full = FullGradients(self.refs) if p.criterion == "full_grad" else None
+        self.score_seconds = 0.0  # wall time in score(), and the bytes it all-reduced (perf summary)
+        self.score_allreduce_bytes = 0
 
     @property
     def active(self) -> bool:
@@ -53,17 +59,25 @@ class Pruner:
             return False
         return t % self.p.score_every == 0 or self.schedule.is_decision(t)
 
+    def begin_step(self, t: int) -> None:
+        """Call on every rank before step ``t``'s first forward."""
+        if self.full is not None:
+            self.full.arm(self.score_due(t))
+
     def score(self) -> None:
         """Call on every rank between the boundary backward() and step()."""
+        t0, sent = time.perf_counter(), D.traffic["all_reduce"]
         crit = self.p.criterion
-        if crit in ("lora", "magnitude"):
-            flat = all_reduce_scores(module_scores(self.refs, self.layout, crit, self.p.lora_reduce))
+        if crit in ("lora", "magnitude", "full_grad"):
+            flat = all_reduce_scores(module_scores(self.refs, self.layout, crit, self.p.lora_reduce, self.full))
             heads, chans = combine(flat, self.layout, self.p.normalize)
         elif crit == "taylor":
             heads, chans = mask_grad_scores(self.masks)
         else:
             heads, chans = self._random
         self.tracker.update(heads, chans)
+        self.score_seconds += time.perf_counter() - t0
+        self.score_allreduce_bytes += D.traffic["all_reduce"] - sent
 
     def decide(self, t: int) -> float:
         """Apply the scheduled sparsity for step ``t``; returns the scheduled value."""
@@ -85,3 +99,15 @@ class Pruner:
         D.verify_identical([self.masks.heads, self.masks.channels], "masks")
         self.decisions.append(t)
         return target
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything a resumed run needs to take the same decisions: masks, smoothed scores, history."""
+        sd = {f"masks.{k}": v for k, v in self.masks.state_dict().items()}
+        sd.update({f"scores.{k}": v for k, v in self.tracker.state_dict().items()})
+        sd["decisions"] = torch.tensor(self.decisions, dtype=torch.int64)
+        return sd
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        self.masks.load_state_dict({k[6:]: v for k, v in sd.items() if k.startswith("masks.")})
+        self.tracker.load_state_dict({k[7:]: v for k, v in sd.items() if k.startswith("scores.")})
+        self.decisions = [int(t) for t in sd["decisions"]]

@@ -161,6 +161,18 @@ class RankPruner:
             a, engine, lambda w: w * self.alive[name].to(w)[:, None], lambda s: s * self.alive[name].to(s)[:, None]
         )
 
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        sd = {f"alive.{n}": a.clone() for n, a in self.alive.items()}
+        sd.update({f"fisher.{n}": f.clone() for n, f in self.fisher.items()})
+        sd["events"] = torch.tensor(self.events)
+        return sd
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        for n in self.alive:
+            self.alive[n] = sd[f"alive.{n}"].to(torch.bool).clone()
+            self.fisher[n] = sd[f"fisher.{n}"].to(torch.float64).clone()
+        self.events = int(sd["events"])
+
     def adapter_params(self) -> int:
         """Parameters of the kept components: r_m * (d_in + d_out) summed over modules."""
         return sum(int(self.alive[n].sum()) * self.sizes[n] for n, _ in self.layers)

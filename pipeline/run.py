@@ -25,12 +25,18 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        from pipeline.trainer import Trainer
+        from pipeline import distributed as D
+        from pipeline.trainer import RunStopped, Trainer
 
         Trainer(cfg).run()
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except RunStopped as e:
+        print(f"stopped: {e}", file=sys.stderr)
+        D.shutdown()
+        return e.exit_code
+    D.shutdown()
     return 0
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import random
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -14,16 +16,54 @@ import torch
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from . import distributed as D
-from .checkpoint import check_output_dir, save_run
+from .checkpoint import (
+    CHECKPOINTS,
+    check_output_dir,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+    save_run,
+    start_fresh,
+    supersede_after,
+)
 from .config import Config, save_config
 from .data import TrainBatches, Windows, eval_batches, load_split, n_targets
 from .ds_config import resolve
+from .faults import Faults
 from .logs import RunLogger, info, peak_memory_mb
 from .masks import Masks
 from .model_loading import load_model, load_tokenizer, model_config
+from .perf import StepPerf
 from .pruner import Pruner
 from .rank_pruning import RankPruner
 from .structure import discover, structure_from_config
+
+TRAIN_LOG = "train_log.jsonl"  # rank 0: one row per logged step (loss, lr, sparsity)
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM after a checkpoint; run again to continue
+EXIT_BAD_STEPS = 3
+
+
+class RunStopped(RuntimeError):
+    """The run stopped before its last step, on purpose; ``exit_code`` tells the launcher script why."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class StopRequest:
+    """SIGTERM (Slurm's time limit, preemption) only sets a flag: the ranks agree on it at the next
+    step's all-reduce, save a checkpoint together and exit, instead of dying mid-collective."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._old = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.requested = True
+
+    def close(self) -> None:
+        signal.signal(signal.SIGTERM, self._old)
 
 
 def seed_everything(seed: int) -> None:
@@ -63,6 +103,10 @@ class Trainer:
         base_config = model_config(cfg.model.path)
         structure_from_config(base_config, cfg.pruning.head_unit)
         self.ds_config = resolve(cfg, D.world_size())
+        self.resume_from, self.resume_state = resolve_resume(cfg, D.world_size())
+        self.faults = Faults(D.rank())
+        self.bad_steps: list[int] = []
+        self.last_loss, self.scheduled = math.nan, 0.0
         seed_everything(cfg.train.seed)
         self.tokenizer = load_tokenizer(cfg.model.path)
         t = cfg.train
@@ -83,6 +127,7 @@ class Trainer:
             else None
         )
         params = [p for p in model.parameters() if p.requires_grad]
+        self.trainable = params
         optimizer = None
         if "optimizer" not in self.ds_config:
             optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
@@ -95,6 +140,7 @@ class Trainer:
         )
         self.engine.train()  # before the first forward (needed on CPU)
         self.model = model
+        self.perf = StepPerf(model, self.optimizer, self.pruner, t.steps)
 
     def _scheduler(self, optimizer: torch.optim.Optimizer) -> Any:
         t = self.cfg.train
@@ -105,73 +151,166 @@ class Trainer:
     def run(self) -> dict[str, Any]:
         cfg, t = self.cfg, self.cfg.train
         out = Path(cfg.output.dir)
-        if D.is_main():
-            out.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, out / "config.yaml")
-        D.barrier()
         s = self.structure
         info(
             f"{s.model_type}: {s.num_layers} layers, {s.num_heads} heads / {s.num_kv_heads} KV heads, "
             f"MLP {s.intermediate_size}; prunable {s.prunable_params:,} params; world {D.world_size()}; "
             f"decisions at steps {self.pruner.schedule.decision_steps()}"
         )
-        eval_before = evaluate(self.engine, self.eval_blocks, t.micro_batch_size)
+        if self.resume_from is not None:
+            start, eval_before = self._restore(self.resume_from, self.resume_state or {})
+        else:
+            start = 0
+            if D.is_main():
+                out.mkdir(parents=True, exist_ok=True)
+                start_fresh(out)
+                (out / TRAIN_LOG).unlink(missing_ok=True)
+            eval_before = evaluate(self.engine, self.eval_blocks, t.micro_batch_size)
+        if D.is_main():
+            save_config(cfg, out / "config.yaml")
+        D.barrier()
         info(f"eval before: loss {eval_before[0]:.4f} ppl {eval_before[1]:.2f}")
-        log = RunLogger(out, t.steps)
+        log = RunLogger(out, t.steps, start)
+        stop = StopRequest()
         dev = D.device()
         tokens_per_step = self.batches.global_batch * cfg.data.seq_len
-        last_loss = math.nan
-        scheduled = 0.0
         try:
-            for step in range(1, t.steps + 1):
+            for step in range(start + 1, t.steps + 1):
                 t0 = time.perf_counter()
+                self.pruner.begin_step(step)
+                self.perf.begin(step)
                 self.masks.zero_grad()
                 loss_acc = torch.zeros(1, dtype=torch.float64, device=D.comm_device())
                 for micro in range(t.grad_accum):
                     batch = {k: v.to(dev) for k, v in self.batches.micro_batch(step, micro).items()}
-                    loss = self.engine(**batch).loss
+                    loss = self.faults.loss(step, self.engine(**batch).loss)
                     self.engine.backward(loss)
                     loss_acc += loss.detach().double().to(loss_acc.device)
                     if micro == t.grad_accum - 1:  # gradients are complete and not yet consumed by step()
-                        if self.pruner.score_due(step):
-                            self.pruner.score()
-                        if self.rank_pruner and self.rank_pruner.observe_due(step):
-                            self.rank_pruner.observe()
+                        # One all-reduce for the loss, a non-finite loss/gradient anywhere, and SIGTERM anywhere.
+                        bad_here = not (torch.isfinite(loss_acc).all() and D.local_grads_finite(self.trainable))
+                        flags = torch.cat([loss_acc, loss_acc.new_tensor([float(bad_here), float(stop.requested)])])
+                        D.all_reduce_sum(flags)
+                        bad = bool(flags[1] > 0)
+                        if bad:  # a NaN must never reach the weights; Adam's moments still decay
+                            D.zero_local_grads(self.trainable)
+                        else:
+                            if self.pruner.score_due(step):
+                                self.pruner.score()
+                            if self.rank_pruner and self.rank_pruner.observe_due(step):
+                                self.rank_pruner.observe()
                     self.engine.step()
+                if bad:
+                    self._bad_step(step)
                 if self.pruner.schedule.is_decision(step):
-                    scheduled = self.pruner.decide(step)
+                    self.scheduled = self.pruner.decide(step)
                 if self.rank_pruner and self.rank_pruner.is_decision(step):
                     self.rank_pruner.decide(step, self.engine)  # after step(): weights and Adam moments
-                last_loss = (D.all_reduce_sum(loss_acc) / (t.grad_accum * D.world_size())).item()
+                self.last_loss = (flags[0] / (t.grad_accum * D.world_size())).item()
                 dt = time.perf_counter() - t0
-                values = {
-                    "train/loss": last_loss,
-                    "train/lr": self.engine.get_lr()[0],
-                    "prune/sparsity_scheduled": self.pruner.schedule.sparsity(step),
-                    "prune/sparsity_achieved": self.masks.sparsity(),
-                    "perf/tokens_per_s": tokens_per_step / dt,
-                    "perf/peak_memory_mb": peak_memory_mb(),
-                }
-                if self.rank_pruner:
-                    values["lora/adapter_params"] = self.rank_pruner.adapter_params()
-                    values.update({f"lora/rank/{n}": r for n, r in self.rank_pruner.ranks().items()})
-                if step % t.log_every == 0:
-                    log.scalars(step, values)
+                self.perf.end(step, dt)
+                self._log_step(log, step, tokens_per_step / dt)
                 if t.eval_every and step % t.eval_every == 0 and step != t.steps:
                     ev = evaluate(self.engine, self.eval_blocks, t.micro_batch_size)
                     log.scalars(step, {"eval/loss": ev[0], "eval/ppl": ev[1]})
-                log.progress({"loss": f"{last_loss:.3f}", "sparsity": f"{self.masks.sparsity():.3f}"})
+                if step < t.steps and (flags[2] > 0 or (t.save_every and step % t.save_every == 0)):
+                    ckpt = self._checkpoint(step, eval_before)
+                    if flags[2] > 0:
+                        raise RunStopped(
+                            f"SIGTERM: saved {ckpt} at step {step} of {t.steps}; run the same command again "
+                            "(train.resume=auto) to continue",
+                            EXIT_PREEMPTED,
+                        )
+                self.faults.end_of_step(step)
             eval_after = evaluate(self.engine, self.eval_blocks, t.micro_batch_size)
             log.scalars(t.steps, {"eval/loss": eval_after[0], "eval/ppl": eval_after[1]})
         finally:
+            stop.close()
             log.close()
         info(f"eval after: loss {eval_after[0]:.4f} ppl {eval_after[1]:.2f}; sparsity {self.masks.sparsity():.4f}")
-        summary = self._summary(scheduled, last_loss, eval_before, eval_after)
+        summary = self._summary(self.scheduled, self.last_loss, eval_before, eval_after)
         scores = {f"scores.{k}": v for k, v in self.pruner.tracker.state_dict().items()}
         alive = self.rank_pruner.alive if self.rank_pruner else None
         save_run(self.model, cfg, self.masks.state_dict(), scores, summary, alive)
         info(f"wrote {out}")
         return summary
+
+    # -- bad steps
+    def _bad_step(self, step: int) -> None:
+        self.bad_steps.append(step)
+        limit = self.cfg.train.max_bad_steps
+        info(
+            f"warning: step {step}: non-finite loss or gradient on some rank; its update and scores were "
+            f"skipped ({len(self.bad_steps)} of train.max_bad_steps={limit})"
+        )
+        if len(self.bad_steps) >= limit:
+            raise RunStopped(
+                f"{len(self.bad_steps)} steps with a non-finite loss or gradient (steps {self.bad_steps}), "
+                f"train.max_bad_steps={limit}. Lower train.lr, check the data, or use model.dtype=fp32/bf16 "
+                "instead of fp16; the checkpoints already written are untouched",
+                EXIT_BAD_STEPS,
+            )
+
+    # -- logging, checkpoints
+    def _log_step(self, log: RunLogger, step: int, tokens_per_s: float) -> None:
+        t = self.cfg.train
+        values = {
+            "train/loss": self.last_loss,
+            "train/lr": self.engine.get_lr()[0],
+            "prune/sparsity_scheduled": self.pruner.schedule.sparsity(step),
+            "prune/sparsity_achieved": self.masks.sparsity(),
+            "perf/tokens_per_s": tokens_per_s,
+            "perf/peak_memory_mb": peak_memory_mb(),
+        }
+        if self.rank_pruner:
+            values["lora/adapter_params"] = self.rank_pruner.adapter_params()
+            values.update({f"lora/rank/{n}": r for n, r in self.rank_pruner.ranks().items()})
+        if step % t.log_every == 0:
+            log.scalars(step, values)
+            if D.is_main():
+                row = {"step": step, "loss": self.last_loss, "lr": values["train/lr"]}
+                with (Path(self.cfg.output.dir) / TRAIN_LOG).open("a") as f:
+                    f.write(json.dumps({**row, "sparsity": values["prune/sparsity_achieved"]}) + "\n")
+        log.progress({"loss": f"{self.last_loss:.3f}", "sparsity": f"{self.masks.sparsity():.3f}"})
+
+    def _checkpoint(self, step: int, eval_before: tuple[float, float]) -> Path:
+        state = {
+            "step": step,
+            "world_size": D.world_size(),
+            "config": self.cfg.to_dict(),
+            "eval_before": list(eval_before),
+            "bad_steps": self.bad_steps,
+            "last_loss": self.last_loss,
+            "scheduled": self.scheduled,
+            "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__},
+        }
+        tensors = {f"pruner.{k}": v for k, v in self.pruner.state_dict().items()}
+        if self.rank_pruner:
+            tensors.update({f"rank_pruner.{k}": v for k, v in self.rank_pruner.state_dict().items()})
+        ckpt = save_checkpoint(self.engine, Path(self.cfg.output.dir), step, state, tensors, self.cfg.train.keep_last)
+        info(f"checkpoint {ckpt}")
+        return ckpt
+
+    def _restore(self, ckpt: Path, state: dict[str, Any]) -> tuple[int, tuple[float, float]]:
+        tensors = load_checkpoint(self.engine, ckpt)
+        self.pruner.load_state_dict({k[7:]: v for k, v in tensors.items() if k.startswith("pruner.")})
+        if self.rank_pruner:
+            self.rank_pruner.load_state_dict({k[12:]: v for k, v in tensors.items() if k.startswith("rank_pruner.")})
+        self.bad_steps = list(state["bad_steps"])
+        self.last_loss, self.scheduled = state["last_loss"], state["scheduled"]
+        D.verify_identical([self.masks.heads, self.masks.channels], "resumed masks")
+        start = int(state["step"])
+        out = Path(self.cfg.output.dir)
+        if D.is_main():
+            out.mkdir(parents=True, exist_ok=True)
+            if ckpt.parent.resolve() == (out / CHECKPOINTS).resolve():
+                supersede_after(ckpt)
+            log = out / TRAIN_LOG
+            if log.exists():  # drop the steps a killed run logged after this checkpoint
+                rows = [r for r in log.read_text().splitlines() if r and json.loads(r)["step"] <= start]
+                log.write_text("".join(r + "\n" for r in rows))
+        info(f"resumed from {ckpt} at step {start} of {self.cfg.train.steps}")
+        return start, (state["eval_before"][0], state["eval_before"][1])
 
     def _summary(
         self, scheduled: float, last_loss: float, before: tuple[float, float], after: tuple[float, float]
@@ -201,12 +340,14 @@ class Trainer:
             "decision_steps": self.pruner.decisions,
             "score_events": self.pruner.tracker.events,
             "skipped_score_events": self.pruner.tracker.skipped,
+            "bad_steps": self.bad_steps,
             "train_loss_final": last_loss,
             "eval_loss_before": before[0],
             "eval_ppl_before": before[1],
             "eval_loss_after": after[0],
             "eval_ppl_after": after[1],
             "peak_memory_mb": peak_memory_mb(),
+            "perf": self.perf.summary(),
             "adapter_ranks": self.rank_pruner.ranks() if self.rank_pruner else None,
             "adapter_params": self.rank_pruner.adapter_params() if self.rank_pruner else None,
         }

@@ -16,12 +16,20 @@
 #     interface of the inter-node fabric, see `ip addr`; e.g. ib0, eth0, ens*, hsn0).
 #
 # Environment knobs, [default]:
-#   LAUNCHER [deepspeed]        deepspeed | torchrun
+#   LAUNCHER [deepspeed]        deepspeed | torchrun | srun (one task per GPU, no launcher: see below)
+#   REQUEUE [1]                 requeue the job when the run stopped on SIGTERM after a checkpoint
 #   GPUS_PER_NODE [$SLURM_GPUS_ON_NODE, else 8]
 #   MASTER_ADDR [first host of the allocation], MASTER_PORT [20000 + SLURM_JOB_ID % 20000]
 #   DEEPSPEED_TIMEOUT [60]      minutes any collective may wait; covers every rank loading the 4-bit model
 #   HOSTFILE [runs/slurm/hostfile-$SLURM_JOB_ID]
 #   SRUN [srun], SCONTROL [scontrol], PYTHON [python]   commands; the tests put local stand-ins here
+#
+# Time limit and preemption: Slurm sends SIGTERM 10 min before the limit (--signal); the ranks
+# agree on it at the next step, save a checkpoint in output.dir/checkpoints and exit with 75; the
+# job is then requeued and train.resume=auto continues from that checkpoint. The deepspeed and
+# torchrun launchers SIGKILL their ranks 30 s after forwarding SIGTERM, which a 70B step plus a
+# save can exceed: set train.save_every so a periodic checkpoint is never far back, or use
+# LAUNCHER=srun, where Slurm signals every rank directly and waits until the limit.
 #
 #SBATCH --job-name=prune-70b
 #SBATCH --nodes=2
@@ -32,6 +40,9 @@
 #SBATCH --exclusive
 #SBATCH --time=24:00:00
 #SBATCH --output=%x-%j.out
+#SBATCH --signal=TERM@600
+#SBATCH --requeue
+#SBATCH --open-mode=append
 ##SBATCH --partition=CHANGE_ME
 ##SBATCH --account=CHANGE_ME
 
@@ -114,8 +125,12 @@ torchrun)
     LAUNCH=(torchrun --nnodes="$NNODES" --nproc_per_node="$GPUS_PER_NODE"
         --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT")
     ;;
+srun)
+    # Ranks find their place from SLURM_PROCID/SLURM_LOCALID (pipeline/launch_env.py).
+    export MASTER_ADDR MASTER_PORT
+    ;;
 *)
-    echo "error: LAUNCHER=$LAUNCHER: use deepspeed or torchrun" >&2
+    echo "error: LAUNCHER=$LAUNCHER: use deepspeed, torchrun or srun" >&2
     exit 2
     ;;
 esac
@@ -123,9 +138,21 @@ esac
 echo "job $SLURM_JOB_ID: $NNODES node(s) x $GPUS_PER_NODE GPU(s), $LAUNCHER, master $MASTER_ADDR:$MASTER_PORT," \
     "config $CONFIG $*"
 
-# One launcher per node. Its --node_rank must be that node's SLURM_NODEID, so it is expanded by
-# the shell srun starts there (single quotes); exec keeps signals going straight to the launcher.
-# shellcheck disable=SC2016
-exec "$SRUN" --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
-    bash -c 'exec "$0" --node_rank="$SLURM_NODEID" "$@"' \
-    "${LAUNCH[@]}" pipeline/run.py --config "$CONFIG" "$@"
+rc=0
+if [[ $LAUNCHER == srun ]]; then
+    "$SRUN" --nodes="$NNODES" --ntasks=$((NNODES * GPUS_PER_NODE)) --ntasks-per-node="$GPUS_PER_NODE" \
+        --kill-on-bad-exit=1 "$PYTHON" pipeline/run.py --config "$CONFIG" "$@" || rc=$?
+else
+    # One launcher per node. Its --node_rank must be that node's SLURM_NODEID, so it is expanded by
+    # the shell srun starts there (single quotes).
+    # shellcheck disable=SC2016
+    "$SRUN" --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 \
+        bash -c 'exec "$0" --node_rank="$SLURM_NODEID" "$@"' \
+        "${LAUNCH[@]}" pipeline/run.py --config "$CONFIG" "$@" || rc=$?
+fi
+# 75: stopped by SIGTERM after saving a checkpoint (pipeline/trainer.py EXIT_PREEMPTED).
+if ((rc == 75)) && [[ ${REQUEUE:-1} == 1 ]]; then
+    echo "job $SLURM_JOB_ID: checkpoint saved on SIGTERM; requeued, it resumes from there (train.resume=auto)"
+    "$SCONTROL" requeue "$SLURM_JOB_ID"
+fi
+exit "$rc"

@@ -21,7 +21,12 @@ VOCAB = 512
 
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# Tokenized-data caches of test runs go to a per-session folder, not the user's ~/.cache.
+# DeepSpeed's compiled CPU ops stay in the user's cache (building them takes a minute); only
+# tokenized-data caches of test runs go to a per-session folder.
+os.environ.setdefault(
+    "TORCH_EXTENSIONS_DIR",
+    str(Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "torch_extensions"),
+)
 os.environ["XDG_CACHE_HOME"] = tempfile.mkdtemp(prefix="prune-tests-cache-")
 
 

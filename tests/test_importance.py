@@ -6,21 +6,24 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from pipeline.aggregation import combine
-from pipeline.importance import ScoreLayout, lora_module_scores, module_refs, module_scores
+from pipeline.config import ConfigError, config_from_dict
+from pipeline.importance import (
+    FullGradients,
+    ScoreLayout,
+    base_weight,
+    lora_module_scores,
+    module_refs,
+    module_scores,
+)
 from pipeline.structure import discover
 
+ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
-def _trained_peft(model_dir, r=4, alpha=8.0):
+
+def _trained_peft(model_dir, r=4, alpha=8.0, targets=tuple(ALL)):
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
-    peft = get_peft_model(
-        model,
-        LoraConfig(
-            r=r,
-            lora_alpha=alpha,
-            target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        ),
-    )
+    peft = get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, target_modules=list(targets)))
     for n, p in peft.named_parameters():
         p.requires_grad = "lora_" in n
         if "lora_B" in n:  # as after some training: B != 0, so every term of the proxy matters
@@ -79,3 +82,60 @@ def test_magnitude_scores_are_unit_norms(make_model):
     m = peft.base_model.model.model.layers[0].mlp.down_proj
     merged = m.base_layer.weight + m.scaling["default"] * m.lora_B["default"].weight @ m.lora_A["default"].weight
     torch.testing.assert_close(layout.slice(flat, 0, "down_proj"), merged.detach().norm(dim=0).double())
+
+
+@pytest.mark.parametrize("targets", [ALL, ["o_proj", "down_proj"]], ids=["lora-all", "lora-o-down"])
+def test_full_grad_scores_match_autograd(make_model, targets):
+    """``full_grad`` = sum |W' * dL/dW| per unit, dL/dW over two micro-batches (loss / 2 each, as the
+    engine scales it), against autograd on the base weights; also for projections without adapters,
+    whose inputs carry no gradient in the first layer."""
+    peft = _trained_peft(make_model("llama"), targets=targets)
+    s = discover(peft)
+    layout, refs = ScoreLayout(s), module_refs(peft)
+    xs = [torch.randint(0, 500, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    full = FullGradients(refs)
+    full.arm(False)
+    peft(input_ids=xs[0], labels=xs[0]).loss.backward()  # not armed: nothing accumulated
+    assert all(g is None for g in full.grads)
+    full.arm(True)
+    for x in xs:
+        (peft(input_ids=x, labels=x).loss / 2).backward()
+    assert all(g is not None for g in full.grads)
+    flat = module_scores(refs, layout, "full_grad", full=full)
+    full.arm(False)
+    full.remove()
+
+    for ref in refs:
+        base_weight(ref.module).requires_grad_(True)
+        base_weight(ref.module).grad = None
+    for x in xs:
+        (peft(input_ids=x, labels=x).loss / 2).backward()
+    expected = torch.zeros_like(flat)
+    for ref in refs:
+        w = base_weight(ref.module)
+        merged = w.detach().clone()
+        if ref.has_lora:
+            m = ref.module
+            merged += m.scaling["default"] * m.lora_B["default"].weight.detach() @ m.lora_A["default"].weight.detach()
+        e = (merged * w.grad).abs()
+        per = e.sum(0) if ref.name in ("o_proj", "down_proj") else e.sum(1)
+        if ref.name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            per = per.view(-1, s.head_dim).sum(-1)
+        layout.slice(expected, ref.layer, ref.name).copy_(per.double())
+    assert (expected > 0).all()
+    torch.testing.assert_close(flat, expected, rtol=1e-4, atol=1e-10)
+    # Same unit ranking as the reference, per layer.
+    for got, want in zip(combine(flat, layout, "none"), combine(expected, layout, "none"), strict=True):
+        assert torch.equal(got.argsort(-1), want.argsort(-1))
+
+
+def test_full_grad_needs_the_unquantized_base(make_model):
+    data = {
+        "model": {"path": str(make_model("llama")), "quantization": "nf4"},
+        "data": {"train": "t.txt"},
+        "pruning": {"criterion": "full_grad"},
+    }
+    with pytest.raises(ConfigError, match=r"pruning.criterion=full_grad .* set model.quantization=none"):
+        config_from_dict(data)
+    data["model"]["quantization"] = "none"
+    assert config_from_dict(data).pruning.criterion == "full_grad"

@@ -81,6 +81,7 @@ from pipeline import distributed as D
 D.init(timeout_minutes=2)
 t = torch.tensor([float(D.rank() + 1)]); D.all_reduce_sum(t)
 print(json.dumps({"rank": D.rank(), "world": D.world_size(), "sum": t.item(), "local": os.environ["LOCAL_RANK"]}))
+D.shutdown()
 """
 
 

@@ -8,7 +8,6 @@ import json
 import os
 import subprocess
 import sys
-import weakref
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +16,7 @@ import torch
 from conftest import ROOT, free_port, write_config
 
 from pipeline import planner as P
+from pipeline.perf import LiveBytes  # peak bytes of storages created in a block (CPU has no allocator peak)
 
 
 def _plan(model: str = "llama2-70b", **kw: Any) -> P.Plan:
@@ -119,44 +119,6 @@ def test_communication_scales_with_world():
 
 
 # --- planned vs measured on tiny models --------------------------------------------------------------
-
-
-class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
-    """Peak bytes of tensor storages created inside the block and alive at the same time (CPU has no
-    allocator peak). Outputs that reuse an input's storage (views, in-place ops) are not new."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        from torch.utils.weak import WeakIdKeyDictionary
-
-        self.seen = WeakIdKeyDictionary()
-        self.refs: dict[int, weakref.ref] = {}
-        self.cur = self.peak = 0
-
-    def _freed(self, key: int, n: int) -> None:
-        self.cur -= n
-        self.refs.pop(key, None)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        from torch.utils._pytree import tree_flatten
-
-        out = func(*args, **(kwargs or {}))
-        inputs = {
-            t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)
-        }
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor):
-                continue
-            st = t.untyped_storage()
-            if st in self.seen or st.data_ptr() in inputs:
-                continue
-            n = st.nbytes()
-            self.seen[st] = n
-            self.cur += n
-            self.peak = max(self.peak, self.cur)
-            key = id(st)
-            self.refs[key] = weakref.ref(st, lambda _, k=key, n=n: self._freed(k, n))
-        return out
 
 
 def _held_bytes(model: torch.nn.Module, optim: Any = None) -> dict[str, int]:

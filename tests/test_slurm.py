@@ -31,6 +31,8 @@ exit "$rc"
 """
 FAKE_SCONTROL = r"""#!/usr/bin/env bash
 [[ $1 == show && $2 == hostnames ]] && printf '%s\n' $FAKE_HOSTS
+[[ $1 == requeue ]] && echo "$*" >>"$FAKE_DIR/scontrol.requeue"
+exit 0
 """
 # A launcher that only reports what it was given.
 FAKE_LAUNCHER = r"""#!/usr/bin/env bash
@@ -112,6 +114,17 @@ def test_per_node_launch_lines(launcher: str, fake: Path, make_model, tmp_path: 
     if launcher == "deepspeed":
         assert "--no_ssh --hostfile=" in out
         assert (fake / "hostfile").read_text() == "nodeA slots=8\nnodeB slots=8\n"
+
+
+@pytest.mark.parametrize(("code", "requeued"), [(75, True), (1, False), (0, False)])
+def test_requeue_only_after_a_sigterm_checkpoint(code: int, requeued: bool, fake: Path, make_model, tmp_path: Path):
+    """Exit 75 (SIGTERM, checkpoint saved) requeues the job so train.resume=auto continues it."""
+    _write_exe(fake / "deepspeed", f"#!/usr/bin/env bash\nexit {code}\n")
+    cfg = write_config(tmp_path / "c.yaml", make_model("llama"), tmp_path / "out")
+    proc = _run([str(cfg)], _env(fake, ["nodeA"]))
+    assert proc.returncode == code
+    log = fake / "scontrol.requeue"
+    assert (log.read_text() == "requeue 4242\n") if requeued else not log.exists()
 
 
 def test_bad_input_stops_before_srun(fake: Path, make_model, tmp_path: Path):
