@@ -228,8 +228,8 @@ class Trainer:
             stop.close()
             log.close()
         info(f"eval after: loss {eval_after[0]:.4f} ppl {eval_after[1]:.2f}; sparsity {self.masks.sparsity():.4f}")
-        summary = self._summary(self.scheduled, self.last_loss, eval_before, eval_after)
-        scores = {f"scores.{k}": v for k, v in self.pruner.tracker.state_dict().items()}
+        summary = self._summary(eval_before, eval_after)
+        scores = {k: v for k, v in self.pruner.state_dict().items() if k.startswith("scores.")}
         alive = self.rank_pruner.alive if self.rank_pruner else None
         save_run(self.model, cfg, self.masks.state_dict(), scores, summary, alive)
         info(f"wrote {out}")
@@ -312,9 +312,7 @@ class Trainer:
         info(f"resumed from {ckpt} at step {start} of {self.cfg.train.steps}")
         return start, (state["eval_before"][0], state["eval_before"][1])
 
-    def _summary(
-        self, scheduled: float, last_loss: float, before: tuple[float, float], after: tuple[float, float]
-    ) -> dict[str, Any]:
+    def _summary(self, before: tuple[float, float], after: tuple[float, float]) -> dict[str, Any]:
         cfg, s, m = self.cfg, self.structure, self.masks
         heads = m.heads.detach().cpu() > 0
         kv = heads.view(s.num_layers, s.num_kv_heads, s.heads_per_group).any(-1)
@@ -326,7 +324,7 @@ class Trainer:
             "criterion": cfg.pruning.criterion,
             "scope": cfg.pruning.scope,
             "target_sparsity": cfg.pruning.target_sparsity,
-            "scheduled_sparsity_final": scheduled,
+            "scheduled_sparsity_final": self.scheduled,
             "achieved_sparsity": m.sparsity(),
             "prunable_params": s.prunable_params,
             "pruned_params": m.pruned_params(),
@@ -341,7 +339,7 @@ class Trainer:
             "score_events": self.pruner.tracker.events,
             "skipped_score_events": self.pruner.tracker.skipped,
             "bad_steps": self.bad_steps,
-            "train_loss_final": last_loss,
+            "train_loss_final": self.last_loss,
             "eval_loss_before": before[0],
             "eval_ppl_before": before[1],
             "eval_loss_after": after[0],
