@@ -68,6 +68,17 @@ def mask_grad_scores(masks: Masks) -> tuple[torch.Tensor, torch.Tensor]:
     return g_h.abs(), g_c.abs()
 
 
+def rescale_layers(scores: torch.Tensor, share: torch.Tensor) -> torch.Tensor:
+    """Each layer's scores [layers, units] rescaled so that the layer's total equals ``share``'s.
+
+    The order within a layer is kept; only how layers compare in a global ranking changes. A layer
+    whose scores sum to zero keeps its (zero) scores.
+    """
+    tot = scores.sum(1, keepdim=True)
+    factor = torch.where(tot > 0, share.sum(1, keepdim=True) / tot.clamp_min(1e-300), torch.ones_like(tot))
+    return scores * factor
+
+
 class ScoreTracker:
     """Moving average ``S = ema * S + (1 - ema) * S_new``; the first event initialises S.
 

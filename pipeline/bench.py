@@ -256,12 +256,13 @@ def launch(spec: RunSpec, st: BenchSettings, base_yaml: Path, base: dict[str, An
 def prepare_data(cfg: Config) -> None:
     """Tokenize into the data cache here, once, instead of in the first runs at the same time."""
     from .data import build_split
-    from .model_loading import load_tokenizer, model_config
+    from .model_loading import load_tokenizer, model_config, resolve_model_dir
 
     if cfg.data.cache_dir == "none":
         return
-    tok = load_tokenizer(cfg.model.path)
-    context = getattr(model_config(cfg.model.path), "max_position_embeddings", None)
+    model_dir = resolve_model_dir(cfg.model.path)
+    tok = load_tokenizer(model_dir)
+    context = getattr(model_config(model_dir), "max_position_embeddings", None)
     for split in ("train", "eval"):
         build_split(cfg.data, split, tok, cfg.train.seed, context)
 

@@ -128,6 +128,8 @@ class PruningConfig:
     head_unit: str = "kv_group"  # kv_group (a KV head with its query heads) | query (same count per group)
     lora_reduce: str = "element"  # element: sum |W' * G| (LoRAPrune) | vector: |sum W' * G| per unit
     normalize: str = "none"  # none: raw scores | l2: per-module, per-layer L2 normalisation (LoRAPrune)
+    # global scope, criterion lora: mask_grad = each layer's score total from |dL/dm| | lora = raw LoRA scores
+    layer_share: str = "mask_grad"
     ema: float = 0.9  # S = ema * S + (1 - ema) * S_new
     score_every: int = 1  # steps between scoring events
     prune_every: int = 10  # steps between mask decisions
@@ -168,6 +170,7 @@ _CHOICES = {
     "pruning.scope": ("global", "uniform"),
     "pruning.head_unit": ("kv_group", "query"),
     "pruning.normalize": ("l2", "none"),
+    "pruning.layer_share": ("mask_grad", "lora"),
     "pruning.lora_reduce": ("element", "vector"),
 }
 

@@ -39,6 +39,7 @@ from . import modeling_pruned
 from .config import Config, InputError, config_from_dict
 from .masks import Masks
 from .model_loading import resolve_dtype
+from .model_source import ModelError, resolve_model_dir, source_record
 from .structure import Structure, decoder_layers, layer_modules, structure_from_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -227,12 +228,12 @@ def load_run(run_dir: str | Path, base: str | Path | None = None) -> Run:
     if not (run_dir / "config.yaml").is_file():
         raise ExportError(f"{run_dir / 'config.yaml'} is missing: the run directory is incomplete; rerun training")
     cfg, ignored = _run_config(run_dir / "config.yaml")
-    base_dir = Path(base if base is not None else cfg.model.path)
-    if not (base_dir / "config.json").is_file():
+    given = base if base is not None else cfg.model.path
+    try:  # a GGUF file resolves to the same converted directory the run trained on
+        base_dir = resolve_model_dir(str(given))
+    except ModelError as e:
         src = "--base" if base is not None else f"model.path in {run_dir / 'config.yaml'}"
-        raise ExportError(
-            f"base model {base_dir} ({src}) has no config.json; pass --base with the model it was trained on"
-        )
+        raise ExportError(f"base model ({src}): {e}; pass --base with the model it was trained on") from None
     base_config = AutoConfig.from_pretrained(base_dir)
     head_unit = summary.get("structure", {}).get("head_unit", cfg.pruning.head_unit)
     s = structure_from_config(base_config, head_unit)
@@ -563,6 +564,14 @@ def _fmt(x: Any, spec: str = ".4g") -> str:
     return format(x, spec) if isinstance(x, (int, float)) and x == x else str(x)
 
 
+def _source_text(rec: dict[str, str]) -> str:
+    if rec["format"] == "gguf":
+        return f"GGUF file `{rec['file']}`, dequantized by transformers (model.path `{rec['given']}`)"
+    if rec["format"] == "hub":
+        return f"Hugging Face repo `{rec['repo_id']}` (local cache)"
+    return f"directory `{rec['given']}`"
+
+
 def model_card(run: Run, result: ExportResult, custom_reason: str) -> str:
     s, summ, cfg = run.structure, run.summary, run.cfg
     load = (
@@ -599,6 +608,7 @@ def model_card(run: Run, result: ExportResult, custom_reason: str) -> str:
             f"{_fmt(summ.get('eval_ppl_before'))} / {_fmt(summ.get('eval_ppl_after'))}",
         ),
         ("dtype", str(result.dtype).removeprefix("torch.")),
+        ("base source", _source_text(source_record(run.base_dir, str(cfg.model.path)))),
     ]
     table = "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in facts)
     return f"""---

@@ -12,20 +12,11 @@ from peft import PeftModel, get_peft_model
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
 from transformers.integrations import HfDeepSpeedConfig
 
-from .config import Config, InputError
+from .config import Config
+from .model_source import ModelError, check_model_dir, resolve_model_dir
 from .rank_dropout import attach_rank_dropout
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-_WEIGHT_FILES = (
-    "model.safetensors",
-    "model.safetensors.index.json",
-    "pytorch_model.bin",
-    "pytorch_model.bin.index.json",
-)
-
-
-class ModelError(InputError):
-    """A model directory that cannot be used, with the fix in the message."""
 
 
 def resolve_dtype(name: str) -> torch.dtype:
@@ -34,30 +25,18 @@ def resolve_dtype(name: str) -> torch.dtype:
     return _DTYPES[name]
 
 
-def check_model_dir(path: str) -> None:
-    d = Path(path)
-    if not d.is_dir():
-        raise ModelError(f"model.path={path}: not a directory; point it at a local Hugging Face model directory")
-    if not (d / "config.json").is_file():
-        raise ModelError(f"model.path={path}: no config.json; is this a Hugging Face model directory?")
-    if not any((d / f).is_file() for f in _WEIGHT_FILES):
-        raise ModelError(
-            f"model.path={path}: no weights ({' or '.join(_WEIGHT_FILES[:2])}); save the model with save_pretrained"
-        )
-
-
-def load_tokenizer(path: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(path)
 
 
-def load_model(cfg: Config, ds_config: dict[str, Any]) -> tuple[PeftModel, HfDeepSpeedConfig]:
+def load_model(cfg: Config, ds_config: dict[str, Any], model_dir: str | Path) -> tuple[PeftModel, HfDeepSpeedConfig]:
     """Returns the PEFT model and the HfDeepSpeedConfig, which the caller keeps alive.
 
     The HfDeepSpeedConfig must exist before ``from_pretrained`` so that transformers knows about
     ZeRO-3 (unquantized weights are then created partitioned under ``zero.Init``; quantized ones
     are loaded whole on each rank and partitioned by ``deepspeed.initialize``).
     """
-    check_model_dir(cfg.model.path)
+    check_model_dir(Path(model_dir), cfg.model.path)
     dtype = resolve_dtype(cfg.model.dtype)
     hf_ds = HfDeepSpeedConfig(ds_config)
     kwargs: dict[str, Any] = {"dtype": dtype}
@@ -70,7 +49,7 @@ def load_model(cfg: Config, ds_config: dict[str, Any]) -> tuple[PeftModel, HfDee
             # ZeRO-3 partitions parameters of one dtype; the packed 4-bit bytes are stored as that dtype.
             bnb_4bit_quant_storage=dtype,
         )
-    model = AutoModelForCausalLM.from_pretrained(cfg.model.path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
     # Without a KV cache transformers builds the attention mask from position_ids, which restart
     # at every packed document, so packed documents do not attend to each other in training.
     model.config.use_cache = False
@@ -106,6 +85,8 @@ def load_model(cfg: Config, ds_config: dict[str, Any]) -> tuple[PeftModel, HfDee
     return model, hf_ds
 
 
-def model_config(path: str) -> Any:
-    check_model_dir(path)
-    return AutoConfig.from_pretrained(path)
+def model_config(model_dir: str | Path) -> Any:
+    return AutoConfig.from_pretrained(model_dir)
+
+
+__all__ = ["ModelError", "load_model", "load_tokenizer", "model_config", "resolve_dtype", "resolve_model_dir"]

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import distributed as D
-from .aggregation import ScoreTracker, all_reduce_scores, combine, mask_grad_scores
+from .aggregation import ScoreTracker, all_reduce_scores, combine, mask_grad_scores, rescale_layers
 from .config import PruningConfig
 from .importance import FullGradients, ScoreLayout, module_refs, module_scores
 from .masks import Masks
@@ -43,7 +43,9 @@ class Pruner:
                 torch.rand(s.num_layers, s.head_units, generator=g, dtype=torch.float64),
                 torch.rand(s.num_layers, s.intermediate_size, generator=g, dtype=torch.float64),
             )
-        masks.requires_grad_(p.criterion == "taylor")
+        # lora with layer_share=mask_grad also reads |dL/dm|: mask gradients come with the backward.
+        self.share = p.criterion == "lora" and p.layer_share == "mask_grad" and p.scope == "global"
+        masks.requires_grad_(p.criterion == "taylor" or self.share)
         # full_grad: hooks that accumulate every projection's weight gradient on scored steps.
         self.full = FullGradients(self.refs) if p.criterion == "full_grad" else None
         self.score_seconds = 0.0  # wall time in score(), and the bytes it all-reduced (perf summary)
@@ -71,6 +73,9 @@ class Pruner:
         if crit in ("lora", "magnitude", "full_grad"):
             flat = all_reduce_scores(module_scores(self.refs, self.layout, crit, self.p.lora_reduce, self.full))
             heads, chans = combine(flat, self.layout, self.p.normalize)
+            if self.share:
+                share_h, share_c = mask_grad_scores(self.masks)
+                heads, chans = rescale_layers(heads, share_h), rescale_layers(chans, share_c)
         elif crit == "taylor":
             heads, chans = mask_grad_scores(self.masks)
         else:

@@ -32,7 +32,8 @@ from .ds_config import resolve
 from .faults import Faults
 from .logs import RunLogger, info, peak_memory_mb
 from .masks import Masks
-from .model_loading import load_model, load_tokenizer, model_config
+from .model_loading import load_model, load_tokenizer, model_config, resolve_model_dir
+from .model_source import source_record
 from .perf import StepPerf
 from .pruner import Pruner
 from .rank_pruning import RankPruner
@@ -100,7 +101,9 @@ class Trainer:
         D.init()
         check_output_dir(cfg)
         # Cheap checks before any heavy work: the model structure and the data.
-        base_config = model_config(cfg.model.path)
+        # model.path may be a GGUF file or a cached repo id; everything below reads one local directory.
+        self.model_dir = resolve_model_dir(cfg.model.path)
+        base_config = model_config(self.model_dir)
         structure_from_config(base_config, cfg.pruning.head_unit)
         self.ds_config = resolve(cfg, D.world_size())
         self.resume_from, self.resume_state = resolve_resume(cfg, D.world_size())
@@ -108,14 +111,14 @@ class Trainer:
         self.bad_steps: list[int] = []
         self.last_loss, self.scheduled = math.nan, 0.0
         seed_everything(cfg.train.seed)
-        self.tokenizer = load_tokenizer(cfg.model.path)
+        self.tokenizer = load_tokenizer(self.model_dir)
         t = cfg.train
         # Before the model: rank 0 tokenizes (or reads the cache) while the others wait, then read it.
         context = getattr(base_config, "max_position_embeddings", None)
         train = load_split(cfg.data, "train", self.tokenizer, t.seed, context)
         self.batches = TrainBatches(train, t.micro_batch_size, t.grad_accum, D.world_size(), D.rank(), t.seed)
         self.eval_blocks = load_split(cfg.data, "eval", self.tokenizer, t.seed, context) if cfg.data.eval else None
-        model, self._hf_ds = load_model(cfg, self.ds_config)
+        model, self._hf_ds = load_model(cfg, self.ds_config, self.model_dir)
         self.structure = discover(model, cfg.pruning.head_unit)
         self.masks = Masks(self.structure, D.device())
         self.masks.attach(model)
@@ -318,6 +321,7 @@ class Trainer:
         kv = heads.view(s.num_layers, s.num_kv_heads, s.heads_per_group).any(-1)
         return {
             "model_path": cfg.model.path,
+            "model_source": source_record(self.model_dir, cfg.model.path),
             "model_type": s.model_type,
             "structure": s.to_dict(),
             "quantization": cfg.model.quantization,
