@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT, read_summary, run_pipeline, write_config
 
 from pipeline.model_source import ModelError, classify, resolve_model_dir, source_record
 
@@ -129,3 +133,37 @@ def test_hub_id_resolves_through_the_cache(tmp_path, monkeypatch, tokenizer_dir)
     src = classify("org/tiny")
     assert src.kind == "hub" and src.path == snap
     assert source_record(snap, "org/tiny") == {"format": "hub", "repo_id": "org/tiny", "given": "org/tiny"}
+
+
+@pytest.mark.distributed
+def test_run_and_compact_from_a_gguf_file(tiny_gguf, tmp_path, monkeypatch) -> None:
+    """model.path = a .gguf file: the real CLI trains on it (NF4, tied embeddings, 9/3 heads), and
+    compact writes safetensors whose card names the GGUF source; --verify checks it equals the masked model."""
+    path, _ = tiny_gguf
+    out = tmp_path / "out"
+    cfg = write_config(tmp_path / "c.yaml", path, out, pruning={"target_sparsity": 0.3})
+    monkeypatch.setenv("LORA_PRUNE_CACHE", str(tmp_path / "cache"))  # the subprocesses convert into it
+    proc = run_pipeline(cfg)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = read_summary(out)
+    assert summary["model_source"]["format"] == "gguf"
+    st = summary["structure"]
+    assert (st["num_attention_heads"], st["num_key_value_heads"]) == (HEADS, KV)
+    compact = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "tools" / "compact.py"),
+            "--run",
+            str(out),
+            "--out",
+            str(tmp_path / "c"),
+            "--verify",
+        ],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "DS_ACCELERATOR": "cpu"},
+        timeout=600,
+    )
+    assert compact.returncode == 0, compact.stderr[-4000:]
+    assert list((tmp_path / "c").glob("*.safetensors"))
+    assert "GGUF file `tiny-llama.F32.gguf`" in (tmp_path / "c" / "README.md").read_text()
