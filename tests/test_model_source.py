@@ -165,5 +165,12 @@ def test_run_and_compact_from_a_gguf_file(tiny_gguf, tmp_path, monkeypatch) -> N
         timeout=600,
     )
     assert compact.returncode == 0, compact.stderr[-4000:]
-    assert list((tmp_path / "c").glob("*.safetensors"))
+    shards = list((tmp_path / "c").glob("*.safetensors"))
+    assert shards
+    # The tie survives: one embedding tensor, no separate LM head, and the config says so.
+    from safetensors import safe_open
+
+    names = {k for f in shards for k in safe_open(f, "pt").keys()}  # noqa: SIM118
+    assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
+    assert json.loads((tmp_path / "c" / "config.json").read_text())["tie_word_embeddings"] is True
     assert "GGUF file `tiny-llama.F32.gguf`" in (tmp_path / "c" / "README.md").read_text()
