@@ -128,8 +128,8 @@ class PruningConfig:
     head_unit: str = "kv_group"  # kv_group (a KV head with its query heads) | query (same count per group)
     lora_reduce: str = "element"  # element: sum |W' * G| (LoRAPrune) | vector: |sum W' * G| per unit
     normalize: str = "none"  # none: raw scores | l2: per-module, per-layer L2 normalisation (LoRAPrune)
-    # global scope, criterion lora: mask_grad = each layer's score total from |dL/dm| | lora = raw LoRA scores
-    layer_share: str = "mask_grad"
+    # criterion lora: score = lora/mean + mix * |dL/dm|/mean per unit kind (0 = LoRA scores alone)
+    mask_grad_mix: float = 1.0
     ema: float = 0.9  # S = ema * S + (1 - ema) * S_new
     score_every: int = 1  # steps between scoring events
     prune_every: int = 10  # steps between mask decisions
@@ -170,7 +170,6 @@ _CHOICES = {
     "pruning.scope": ("global", "uniform"),
     "pruning.head_unit": ("kv_group", "query"),
     "pruning.normalize": ("l2", "none"),
-    "pruning.layer_share": ("mask_grad", "lora"),
     "pruning.lora_reduce": ("element", "vector"),
 }
 
@@ -209,6 +208,8 @@ def _validate(cfg: Config) -> list[str]:
         )
     if not 0.0 <= p.ema < 1.0:
         errs.append(f"pruning.ema={p.ema}: must be in [0, 1)")
+    if not p.mask_grad_mix >= 0.0:
+        errs.append(f"pruning.mask_grad_mix={p.mask_grad_mix}: must be >= 0 (0 = LoRA scores alone)")
     if p.warmup < 0 or p.cooldown < 0 or p.warmup + p.cooldown >= 1.0:
         errs.append(f"pruning.warmup={p.warmup}, pruning.cooldown={p.cooldown}: each must be >= 0 and their sum < 1")
     for key in (

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from . import distributed as D
-from .aggregation import ScoreTracker, all_reduce_scores, combine, mask_grad_scores, rescale_layers
+from .aggregation import ScoreTracker, all_reduce_scores, combine, mask_grad_scores, mix_mask_grad
 from .config import PruningConfig
 from .importance import FullGradients, ScoreLayout, module_refs, module_scores
 from .masks import Masks
@@ -43,9 +43,9 @@ class Pruner:
                 torch.rand(s.num_layers, s.head_units, generator=g, dtype=torch.float64),
                 torch.rand(s.num_layers, s.intermediate_size, generator=g, dtype=torch.float64),
             )
-        # lora with layer_share=mask_grad also reads |dL/dm|: mask gradients come with the backward.
-        self.share = p.criterion == "lora" and p.layer_share == "mask_grad" and p.scope == "global"
-        masks.requires_grad_(p.criterion == "taylor" or self.share)
+        # lora with mask_grad_mix > 0 also reads |dL/dm|: mask gradients come with the backward.
+        self.mix = p.criterion == "lora" and p.mask_grad_mix > 0
+        masks.requires_grad_(p.criterion == "taylor" or self.mix)
         # full_grad: hooks that accumulate every projection's weight gradient on scored steps.
         self.full = FullGradients(self.refs) if p.criterion == "full_grad" else None
         self.score_seconds = 0.0  # wall time in score(), and the bytes it all-reduced (perf summary)
@@ -73,9 +73,10 @@ class Pruner:
         if crit in ("lora", "magnitude", "full_grad"):
             flat = all_reduce_scores(module_scores(self.refs, self.layout, crit, self.p.lora_reduce, self.full))
             heads, chans = combine(flat, self.layout, self.p.normalize)
-            if self.share:
-                share_h, share_c = mask_grad_scores(self.masks)
-                heads, chans = rescale_layers(heads, share_h), rescale_layers(chans, share_c)
+            if self.mix:
+                g_h, g_c = mask_grad_scores(self.masks)  # one all-reduce, like the LoRA scores
+                heads = mix_mask_grad(heads, g_h, self.p.mask_grad_mix)
+                chans = mix_mask_grad(chans, g_c, self.p.mask_grad_mix)
         elif crit == "taylor":
             heads, chans = mask_grad_scores(self.masks)
         else:
