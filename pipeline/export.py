@@ -564,6 +564,15 @@ def _fmt(x: Any, spec: str = ".4g") -> str:
     return format(x, spec) if isinstance(x, (int, float)) and x == x else str(x)
 
 
+def _base_name(rec: dict[str, str], base_dir: Path) -> str:
+    """The card's base_model: the repo id, the GGUF file's stem, or the directory's name."""
+    if rec["format"] == "hub":
+        return rec["repo_id"]
+    if rec["format"] == "gguf":
+        return Path(rec["file"]).stem
+    return base_dir.name
+
+
 def _source_text(rec: dict[str, str]) -> str:
     if rec["format"] == "gguf":
         return f"GGUF file `{rec['file']}`, dequantized by transformers (model.path `{rec['given']}`)"
@@ -613,7 +622,7 @@ def model_card(run: Run, result: ExportResult, custom_reason: str) -> str:
     table = "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in facts)
     return f"""---
 library_name: transformers
-base_model: {run.base_dir.name}
+base_model: {_base_name(source_record(run.base_dir, str(cfg.model.path)), run.base_dir)}
 tags: [pruned, structured-pruning, lora]
 ---
 # {result.out_dir.name}

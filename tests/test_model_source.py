@@ -173,4 +173,5 @@ def test_run_and_compact_from_a_gguf_file(tiny_gguf, tmp_path, monkeypatch) -> N
     names = {k for f in shards for k in safe_open(f, "pt").keys()}  # noqa: SIM118
     assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
     assert json.loads((tmp_path / "c" / "config.json").read_text())["tie_word_embeddings"] is True
-    assert "GGUF file `tiny-llama.F32.gguf`" in (tmp_path / "c" / "README.md").read_text()
+    card = (tmp_path / "c" / "README.md").read_text()
+    assert "GGUF file `tiny-llama.F32.gguf`" in card and "base_model: tiny-llama.F32\n" in card
