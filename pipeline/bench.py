@@ -256,7 +256,8 @@ def launch(spec: RunSpec, st: BenchSettings, base_yaml: Path, base: dict[str, An
 def prepare_data(cfg: Config) -> None:
     """Tokenize into the data cache here, once, instead of in the first runs at the same time."""
     from .data import build_split
-    from .model_loading import load_tokenizer, model_config, resolve_model_dir
+    from .model_loading import load_tokenizer, model_config
+    from .model_source import resolve_model_dir
 
     if cfg.data.cache_dir == "none":
         return

@@ -583,6 +583,7 @@ def _source_text(rec: dict[str, str]) -> str:
 
 def model_card(run: Run, result: ExportResult, custom_reason: str) -> str:
     s, summ, cfg = run.structure, run.summary, run.cfg
+    source = source_record(run.base_dir, str(cfg.model.path))
     load = (
         "AutoModelForCausalLM.from_pretrained(path)"
         if result.stock
@@ -617,12 +618,12 @@ def model_card(run: Run, result: ExportResult, custom_reason: str) -> str:
             f"{_fmt(summ.get('eval_ppl_before'))} / {_fmt(summ.get('eval_ppl_after'))}",
         ),
         ("dtype", str(result.dtype).removeprefix("torch.")),
-        ("base source", _source_text(source_record(run.base_dir, str(cfg.model.path)))),
+        ("base source", _source_text(source)),
     ]
     table = "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in facts)
     return f"""---
 library_name: transformers
-base_model: {_base_name(source_record(run.base_dir, str(cfg.model.path)), run.base_dir)}
+base_model: {_base_name(source, run.base_dir)}
 tags: [pruned, structured-pruning, lora]
 ---
 # {result.out_dir.name}

@@ -13,7 +13,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAn
 from transformers.integrations import HfDeepSpeedConfig
 
 from .config import Config
-from .model_source import ModelError, check_model_dir, resolve_model_dir
+from .model_source import ModelError, resolve_model_dir
 from .rank_dropout import attach_rank_dropout
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -29,14 +29,18 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(path)
 
 
-def load_model(cfg: Config, ds_config: dict[str, Any], model_dir: str | Path) -> tuple[PeftModel, HfDeepSpeedConfig]:
+def load_model(
+    cfg: Config, ds_config: dict[str, Any], model_dir: str | Path | None = None
+) -> tuple[PeftModel, HfDeepSpeedConfig]:
     """Returns the PEFT model and the HfDeepSpeedConfig, which the caller keeps alive.
 
     The HfDeepSpeedConfig must exist before ``from_pretrained`` so that transformers knows about
     ZeRO-3 (unquantized weights are then created partitioned under ``zero.Init``; quantized ones
-    are loaded whole on each rank and partitioned by ``deepspeed.initialize``).
+    are loaded whole on each rank and partitioned by ``deepspeed.initialize``). ``model_dir`` is
+    ``cfg.model.path`` resolved (``model_source.resolve_model_dir``), which the trainer has done already.
     """
-    check_model_dir(Path(model_dir), cfg.model.path)
+    if model_dir is None:
+        model_dir = resolve_model_dir(cfg.model.path)
     dtype = resolve_dtype(cfg.model.dtype)
     hf_ds = HfDeepSpeedConfig(ds_config)
     kwargs: dict[str, Any] = {"dtype": dtype}
@@ -87,6 +91,3 @@ def load_model(cfg: Config, ds_config: dict[str, Any], model_dir: str | Path) ->
 
 def model_config(model_dir: str | Path) -> Any:
     return AutoConfig.from_pretrained(model_dir)
-
-
-__all__ = ["ModelError", "load_model", "load_tokenizer", "model_config", "resolve_dtype", "resolve_model_dir"]

@@ -57,12 +57,17 @@ def classify(path: str) -> ModelSource:
     if p.is_dir():
         check_model_dir(p, path)
         return ModelSource("dir", path, p)
-    if _REPO_ID.match(path) and not p.exists():
+    if _is_repo_id(path):
         return ModelSource("hub", path, _hub_snapshot(path))
     raise ModelError(
         f"model.path={path}: not a directory, a .gguf file, or a Hugging Face repo id (org/name); "
         "point it at a local model directory"
     )
+
+
+def _is_repo_id(path: str) -> bool:
+    """``org/name`` that is not a local path."""
+    return bool(_REPO_ID.match(path)) and not Path(path).expanduser().exists()
 
 
 def check_model_dir(d: Path, given: str) -> None:
@@ -165,6 +170,6 @@ def source_record(model_dir: Path, given: str) -> dict[str, str]:
     if f.is_file():
         rec = json.loads(f.read_text())
         return {"format": rec.get("format", "gguf"), "file": rec.get("file", ""), "given": given}
-    if _REPO_ID.match(given) and not Path(given).exists():
+    if _is_repo_id(given):
         return {"format": "hub", "repo_id": given, "given": given}
     return {"format": "dir", "given": given}

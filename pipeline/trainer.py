@@ -32,8 +32,8 @@ from .ds_config import resolve
 from .faults import Faults
 from .logs import RunLogger, info, peak_memory_mb
 from .masks import Masks
-from .model_loading import load_model, load_tokenizer, model_config, resolve_model_dir
-from .model_source import source_record
+from .model_loading import load_model, load_tokenizer, model_config
+from .model_source import resolve_model_dir, source_record
 from .perf import StepPerf
 from .pruner import Pruner
 from .rank_pruning import RankPruner

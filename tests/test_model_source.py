@@ -118,7 +118,7 @@ def test_bad_model_paths_name_the_fix(tmp_path, monkeypatch) -> None:
         classify(str(tmp_path / "empty"))
 
 
-def test_hub_id_resolves_through_the_cache(tmp_path, monkeypatch, tokenizer_dir) -> None:
+def test_hub_id_resolves_through_the_cache(tmp_path, monkeypatch) -> None:
     """A repo id is found in a Hugging Face cache laid out as the hub client writes it."""
     from transformers import LlamaConfig
 
