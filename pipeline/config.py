@@ -139,6 +139,21 @@ class PruningConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Self-distillation from the dense model (pipeline/distill.py)."""
+
+    enabled: bool = False
+    alpha: float = 0.5  # loss = (1 - alpha) * CE + alpha * T^2 * KL(teacher || student)
+    temperature: float = 1.0
+    teacher: str = "base"  # base: this model with adapters and masks off, same engine | a model path
+    top_k: int = 0  # 0: KL over the whole vocabulary; k: over the teacher's k most likely tokens
+    chunk_tokens: int = 1024  # positions per logit chunk (memory: chunk x vocabulary)
+    # Hidden-state distillation (Minitron): relative squared error of these decoder layers' outputs
+    hidden_layers: list[int] = field(default_factory=list)
+    hidden_weight: float = 0.0
+
+
+@dataclass
 class DeepSpeedSection:
     config: str = "ds_configs/zero3_cpu.json"
 
@@ -156,6 +171,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     pruning: PruningConfig = field(default_factory=PruningConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     output: OutputConfig = field(default_factory=OutputConfig)
 
@@ -251,6 +267,34 @@ def _validate(cfg: Config) -> list[str]:
         errs.append(f"lora.dropout={cfg.lora.dropout}: must be in [0, 1)")
     if not cfg.lora.target_modules:
         errs.append("lora.target_modules is empty: list the projections to adapt, e.g. [q_proj, o_proj]")
+    errs += _validate_distill(cfg)
+    return errs
+
+
+def _validate_distill(cfg: Config) -> list[str]:
+    d, errs = cfg.distill, []
+    if not 0.0 <= d.alpha <= 1.0:
+        errs.append(f"distill.alpha={d.alpha}: must be in [0, 1] (weight of the KL term; 1 = KL alone)")
+    if not d.temperature > 0:
+        errs.append(f"distill.temperature={d.temperature}: must be > 0 (1 = the teacher's own distribution)")
+    if d.top_k < 0:
+        errs.append(f"distill.top_k={d.top_k}: must be >= 0 (0 = the whole vocabulary)")
+    if d.chunk_tokens < 1:
+        errs.append(f"distill.chunk_tokens={d.chunk_tokens}: must be >= 1")
+    if not d.teacher:
+        errs.append("distill.teacher is empty: use base (the model itself, adapters and masks off) or a model path")
+    if d.hidden_weight < 0:
+        errs.append(f"distill.hidden_weight={d.hidden_weight}: must be >= 0")
+    if d.hidden_layers and d.teacher != "base":
+        errs.append(
+            "distill.hidden_layers with distill.teacher other than base: layer outputs are compared only "
+            "against the model's own dense base; leave distill.hidden_layers empty"
+        )
+    if d.enabled and "lm_head" in cfg.lora.target_modules:
+        errs.append(
+            "distill.enabled with lm_head in lora.target_modules: distillation projects hidden states "
+            "through the frozen output embedding; remove lm_head from lora.target_modules"
+        )
     return errs
 
 
@@ -296,10 +340,14 @@ def _coerce(value: Any, tp: Any, key: str, errs: list[str]) -> Any:
     """Check a YAML value against a dataclass field type; ints are accepted for floats."""
     origin = typing.get_origin(tp)
     if origin is list:
+        elem = (typing.get_args(tp) or (str,))[0]
         if isinstance(value, str):  # CLI: lora.target_modules=q_proj,v_proj
             value = [v.strip() for v in value.split(",") if v.strip()]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            errs.append(f"{key}={value!r}: expected a list of strings")
+            if elem is int:
+                value = [int(v) if v.lstrip("-").isdigit() else v for v in value]
+        ok = isinstance(value, list) and all(isinstance(v, elem) and not isinstance(v, bool) for v in value)
+        if not ok:
+            errs.append(f"{key}={value!r}: expected a list of {'strings' if elem is str else 'integers'}")
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)

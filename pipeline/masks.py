@@ -8,6 +8,8 @@ require grad, so backward yields dL/dm, the first-order effect of removing each 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -24,6 +26,7 @@ class Masks:
         self.heads = torch.ones(s.num_layers, s.num_heads, device=device)
         self.channels = torch.ones(s.num_layers, s.intermediate_size, device=device)
         self._handles: list[RemovableHandle] = []
+        self._bypass = False
 
     # Unit-level views: what the pruning decisions act on.
     def head_units(self) -> torch.Tensor:
@@ -78,8 +81,19 @@ class Masks:
             h.remove()
         self._handles.clear()
 
+    @contextlib.contextmanager
+    def bypassed(self) -> Iterator[None]:
+        """Forwards inside run the unmasked model (the distillation teacher)."""
+        self._bypass = True
+        try:
+            yield
+        finally:
+            self._bypass = False
+
     def _head_hook(self, layer: int):
         def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+            if self._bypass:
+                return args
             x = args[0]
             m = self.heads[layer].repeat_interleave(self.s.head_dim).to(x.dtype)
             return (x * m, *args[1:])
@@ -88,6 +102,8 @@ class Masks:
 
     def _channel_hook(self, layer: int):
         def hook(_module: nn.Module, args: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+            if self._bypass:
+                return args
             x = args[0]
             return (x * self.channels[layer].to(x.dtype), *args[1:])
 

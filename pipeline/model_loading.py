@@ -9,7 +9,14 @@ import bitsandbytes as bnb
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    BitsAndBytesConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 from transformers.integrations import HfDeepSpeedConfig
 
 from .config import Config
@@ -41,28 +48,8 @@ def load_model(
     """
     if model_dir is None:
         model_dir = resolve_model_dir(cfg.model.path)
-    dtype = resolve_dtype(cfg.model.dtype)
     hf_ds = HfDeepSpeedConfig(ds_config)
-    kwargs: dict[str, Any] = {"dtype": dtype}
-    if cfg.model.quantization == "nf4":
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type="nf4",
-            bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_use_double_quant=cfg.model.double_quant,
-            # ZeRO-3 partitions parameters of one dtype; the packed 4-bit bytes are stored as that dtype.
-            bnb_4bit_quant_storage=dtype,
-        )
-    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
-    # Without a KV cache transformers builds the attention mask from position_ids, which restart
-    # at every packed document, so packed documents do not attend to each other in training.
-    model.config.use_cache = False
-    for mod in model.modules():
-        if isinstance(mod, bnb.nn.Linear4bit):
-            # On CPUs with AVX512-BF16, bitsandbytes repacks the weight in place on the first
-            # eval-mode forward and flags the quant state; under ZeRO-3 the repacked gathered copy
-            # is thrown away while the flag stays, so every later forward reads garbage.
-            mod.support_avx512bf16_for_cpu = False
+    model = load_frozen(model_dir, cfg)
     if cfg.train.gradient_checkpointing:
         # Non-reentrant checkpointing needs no input grads, unlike prepare_model_for_kbit_training,
         # which would also upcast and break the quant-storage dtype.
@@ -87,6 +74,35 @@ def load_model(
     for name, p in model.named_parameters():
         p.requires_grad = "lora_" in name
     return model, hf_ds
+
+
+def load_frozen(model_dir: str | Path, cfg: Config) -> PreTrainedModel:
+    """The base model as training reads it: ``model.dtype``, NF4 when ``model.quantization=nf4``, no
+    KV cache. Under ZeRO-3 an HfDeepSpeedConfig must be alive (see load_model)."""
+    dtype = resolve_dtype(cfg.model.dtype)
+    kwargs: dict[str, Any] = {"dtype": dtype}
+    if cfg.model.quantization == "nf4":
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_compute_dtype=dtype,
+            bnb_4bit_use_double_quant=cfg.model.double_quant,
+            # ZeRO-3 partitions parameters of one dtype; the packed 4-bit bytes are stored as that dtype.
+            bnb_4bit_quant_storage=dtype,
+        )
+    model = AutoModelForCausalLM.from_pretrained(model_dir, **kwargs)
+    # Without a KV cache transformers builds the attention mask from position_ids, which restart
+    # at every packed document, so packed documents do not attend to each other in training.
+    model.config.use_cache = False
+    for mod in model.modules():
+        if isinstance(mod, bnb.nn.Linear4bit):
+            # On CPUs with AVX512-BF16, bitsandbytes repacks the weight in place on the first
+            # eval-mode forward and flags the quant state; under ZeRO-3 the repacked gathered copy
+            # is thrown away while the flag stays, so every later forward reads garbage.
+            mod.support_avx512bf16_for_cpu = False
+    for p in model.parameters():
+        p.requires_grad = False
+    return model
 
 
 def model_config(model_dir: str | Path) -> Any:

@@ -160,8 +160,14 @@ def resolve(src: ModelSource) -> Path:
     return convert_gguf(src.path, out)
 
 
-def resolve_model_dir(path: str) -> Path:
-    return resolve(classify(path))
+def resolve_model_dir(path: str, key: str = "model.path") -> Path:
+    """``key`` is the config key the path came from, for the messages (model.path, distill.teacher)."""
+    try:
+        return resolve(classify(path))
+    except ModelError as e:
+        if key == "model.path":
+            raise
+        raise ModelError(str(e).replace("model.path=", f"{key}=")) from None
 
 
 def source_record(model_dir: Path, given: str) -> dict[str, str]:

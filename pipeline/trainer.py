@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -26,14 +27,15 @@ from .checkpoint import (
     start_fresh,
     supersede_after,
 )
-from .config import Config, save_config
+from .config import Config, ConfigError, save_config
 from .data import TrainBatches, Windows, eval_batches, load_split, n_targets
+from .distill import Distiller, load_teacher
 from .ds_config import resolve
 from .faults import Faults
 from .logs import RunLogger, info, peak_memory_mb
 from .masks import Masks
 from .model_loading import load_model, load_tokenizer, model_config
-from .model_source import resolve_model_dir, source_record
+from .model_source import ModelError, resolve_model_dir, source_record
 from .perf import StepPerf
 from .pruner import Pruner
 from .rank_pruning import RankPruner
@@ -105,6 +107,7 @@ class Trainer:
         self.model_dir = resolve_model_dir(cfg.model.path)
         base_config = model_config(self.model_dir)
         structure_from_config(base_config, cfg.pruning.head_unit)
+        self.teacher_dir = self._check_teacher(base_config)
         self.ds_config = resolve(cfg, D.world_size())
         self.resume_from, self.resume_state = resolve_resume(cfg, D.world_size())
         self.faults = Faults(D.rank())
@@ -143,7 +146,41 @@ class Trainer:
         )
         self.engine.train()  # before the first forward (needed on CPU)
         self.model = model
+        self.distiller: Distiller | None = None
+        if cfg.distill.enabled:
+            teacher = load_teacher(self.teacher_dir, cfg, self.ds_config) if self.teacher_dir else None
+            self.distiller = Distiller(model, self.masks, cfg.distill, teacher)
+        self.distill_totals = {"ce": math.nan, "kl": math.nan, "teacher_s": 0.0, "step_s": 0.0}
         self.perf = StepPerf(model, self.optimizer, self.pruner, t.steps)
+
+    def _check_teacher(self, base_config: Any) -> str | None:
+        """distill.teacher as a model directory (None: the base itself), checked before any loading."""
+        d = self.cfg.distill
+        n = base_config.num_hidden_layers
+        bad = [i for i in d.hidden_layers if not 0 <= i < n]
+        if d.enabled and bad:
+            raise ConfigError(
+                f"distill.hidden_layers={d.hidden_layers}: {bad} out of range; the model has layers 0-{n - 1}"
+            )
+        if not d.enabled or d.teacher == "base":
+            return None
+        teacher_dir = resolve_model_dir(d.teacher, key="distill.teacher")
+        vocab = getattr(model_config(teacher_dir), "vocab_size", None)
+        if vocab != base_config.vocab_size:
+            raise ModelError(
+                f"distill.teacher={d.teacher}: vocabulary of {vocab} tokens, the base has "
+                f"{base_config.vocab_size}; the teacher must share the base's tokenizer"
+            )
+        return str(teacher_dir)
+
+    def _forward_loss(self, batch: dict[str, torch.Tensor], parts: torch.Tensor) -> torch.Tensor:
+        """The micro-batch's training loss; with distillation, CE and KL are added to ``parts``."""
+        if self.distiller is None:
+            return self.engine(**batch).loss
+        d = self.distiller.loss(self.engine, batch)
+        parts += parts.new_tensor([d.ce, d.kl])
+        self.distill_totals["teacher_s"] += d.teacher_s
+        return d.loss
 
     def _scheduler(self, optimizer: torch.optim.Optimizer) -> Any:
         t = self.cfg.train
@@ -184,15 +221,17 @@ class Trainer:
                 self.perf.begin(step)
                 self.masks.zero_grad()
                 loss_acc = torch.zeros(1, dtype=torch.float64, device=D.comm_device())
+                parts = torch.zeros(2, dtype=torch.float64, device=D.comm_device())  # distill: CE, KL
                 for micro in range(t.grad_accum):
                     batch = {k: v.to(dev) for k, v in self.batches.micro_batch(step, micro).items()}
-                    loss = self.faults.loss(step, self.engine(**batch).loss)
+                    loss = self.faults.loss(step, self._forward_loss(batch, parts))
                     self.engine.backward(loss)
                     loss_acc += loss.detach().double().to(loss_acc.device)
                     if micro == t.grad_accum - 1:  # gradients are complete and not yet consumed by step()
                         # One all-reduce for the loss, a non-finite loss/gradient anywhere, and SIGTERM anywhere.
                         bad_here = not (torch.isfinite(loss_acc).all() and D.local_grads_finite(self.trainable))
-                        flags = torch.cat([loss_acc, loss_acc.new_tensor([float(bad_here), float(stop.requested)])])
+                        agree = [float(bad_here), float(stop.requested)]
+                        flags = torch.cat([loss_acc, loss_acc.new_tensor(agree), parts])
                         D.all_reduce_sum(flags)
                         bad = bool(flags[1] > 0)
                         if bad:  # a NaN must never reach the weights; Adam's moments still decay
@@ -209,8 +248,12 @@ class Trainer:
                     self.scheduled = self.pruner.decide(step)
                 if self.rank_pruner and self.rank_pruner.is_decision(step):
                     self.rank_pruner.decide(step, self.engine)  # after step(): weights and Adam moments
-                self.last_loss = (flags[0] / (t.grad_accum * D.world_size())).item()
+                n_micro = t.grad_accum * D.world_size()
+                self.last_loss = (flags[0] / n_micro).item()
+                if self.distiller:
+                    self.distill_totals.update(ce=(flags[3] / n_micro).item(), kl=(flags[4] / n_micro).item())
                 dt = time.perf_counter() - t0
+                self.distill_totals["step_s"] += dt
                 self.perf.end(step, dt)
                 self._log_step(log, step, tokens_per_step / dt)
                 if t.eval_every and step % t.eval_every == 0 and step != t.steps:
@@ -265,6 +308,8 @@ class Trainer:
             "perf/tokens_per_s": tokens_per_s,
             "perf/peak_memory_mb": peak_memory_mb(),
         }
+        if self.distiller:
+            values["train/ce"], values["train/kl"] = self.distill_totals["ce"], self.distill_totals["kl"]
         if self.rank_pruner:
             values["lora/adapter_params"] = self.rank_pruner.adapter_params()
             values.update({f"lora/rank/{n}": r for n, r in self.rank_pruner.ranks().items()})
@@ -352,4 +397,17 @@ class Trainer:
             "perf": self.perf.summary(),
             "adapter_ranks": self.rank_pruner.ranks() if self.rank_pruner else None,
             "adapter_params": self.rank_pruner.adapter_params() if self.rank_pruner else None,
+            "distill": self._distill_summary(),
+        }
+
+    def _distill_summary(self) -> dict[str, Any] | None:
+        if self.distiller is None:
+            return None
+        d, tot = self.cfg.distill, self.distill_totals
+        return {
+            **dataclasses.asdict(d),
+            "train_ce_final": tot["ce"],
+            "train_kl_final": tot["kl"],
+            # The teacher's share of this process's training-step time (steps run by this process).
+            "teacher_time_share": tot["teacher_s"] / tot["step_s"] if tot["step_s"] else None,
         }

@@ -1,0 +1,207 @@
+"""Self-distillation: the pruned student learns the dense model's next-token distribution.
+
+The teacher is, by default, the same engine with the LoRA adapters disabled and the masks bypassed,
+which is exactly the original (NF4) model, already sharded: no extra weights in memory, one extra
+forward without gradients per micro-batch. ``distill.teacher`` may instead name another model
+directory with the same vocabulary; it is loaded frozen in 4-bit into its own ZeRO-3 engine.
+
+The loss on the target positions (shifted labels != -100, so packing and prompt masking hold) is
+
+    (1 - alpha) * CE(student) + alpha * T^2 * KL(softmax(z_t / T) || softmax(z_s / T))
+
+averaged over target tokens, as transformers averages its own causal-LM loss. Logits are never
+materialised for the whole micro-batch: both models return only their final hidden states, and the
+output projection, softmaxes and KL run over chunks of ``chunk_tokens`` positions, each under
+activation checkpointing, so memory grows with chunk x vocabulary, not sequence x vocabulary.
+The output embedding is frozen (it is not a LoRA target), so it is gathered once and kept.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import deepspeed
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .masks import Masks
+from .structure import decoder_layers
+
+IGNORE = -100
+
+
+@dataclass
+class DistillLoss:
+    loss: torch.Tensor  # the training objective (with grad)
+    ce: float  # mean cross-entropy on the targets
+    kl: float  # mean KL(teacher || student) at the temperature, before the T^2 factor
+    teacher_s: float  # seconds in the teacher's forward
+
+
+def _chunk_terms(
+    h_s: torch.Tensor,
+    h_t: torch.Tensor,
+    y: torch.Tensor,
+    w_s: torch.Tensor,
+    w_t: torch.Tensor,
+    temperature: float,
+    top_k: int,
+) -> torch.Tensor:
+    """Summed CE and summed KL of one chunk of positions, as a 2-vector."""
+    z_s = (h_s @ w_s.T).float()
+    with torch.no_grad():
+        z_t = (h_t @ w_t.T).float() / temperature
+        if top_k:
+            z_t, idx = z_t.topk(top_k, dim=-1)
+        log_p_t = F.log_softmax(z_t, dim=-1)
+    ce = F.cross_entropy(z_s, y, reduction="sum")
+    z = z_s / temperature
+    # top k: both distributions restricted to the teacher's k tokens, so the KL is zero at the teacher
+    log_p_s = F.log_softmax(z.gather(-1, idx) if top_k else z, dim=-1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum()
+    return torch.stack([ce, kl])
+
+
+def distill_terms(
+    h_s: torch.Tensor,
+    h_t: torch.Tensor,
+    labels: torch.Tensor,
+    w_s: torch.Tensor,
+    w_t: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    top_k: int = 0,
+    chunk_tokens: int = 1024,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Mean CE and mean KL over the target positions of final hidden states ``(B, S, H)``.
+
+    ``labels`` are the unshifted causal-LM labels (position i predicts ``labels[i + 1]``), as passed
+    to transformers; ``w_s``/``w_t`` are the student's and teacher's output embeddings ``(V, H)``."""
+    w_t = w_s if w_t is None else w_t
+    shift = labels[:, 1:]
+    sel = shift != IGNORE
+    hs, ht, y = h_s[:, :-1][sel], h_t[:, :-1][sel], shift[sel]
+    n = y.numel()
+    if n == 0:  # keep the graph connected so that backward runs on every rank
+        zero = h_s.sum() * 0.0
+        return zero, zero.detach()
+    total = h_s.new_zeros(2, dtype=torch.float32)
+    for i in range(0, n, chunk_tokens):
+        c = slice(i, i + chunk_tokens)
+        total = total + checkpoint(_chunk_terms, hs[c], ht[c], y[c], w_s, w_t, temperature, top_k, use_reentrant=False)
+    return total[0] / n, total[1] / n
+
+
+def hidden_mse(h_s: torch.Tensor, h_t: torch.Tensor) -> torch.Tensor:
+    """Squared error of a layer's outputs relative to the teacher's mean squared norm (scale-free)."""
+    if h_t.numel() == 0:
+        return h_s.sum() * 0.0
+    return (h_s - h_t).float().pow(2).sum(-1).mean() / h_t.float().pow(2).sum(-1).mean().clamp_min(1e-12)
+
+
+def _gathered(weight: nn.Parameter) -> torch.Tensor:
+    """A full detached copy of a (possibly ZeRO-3 partitioned) frozen parameter."""
+    if hasattr(weight, "ds_id"):
+        with deepspeed.zero.GatheredParameters([weight]):
+            return weight.detach().clone()
+    return weight.detach()
+
+
+class _FinalHidden:
+    """Captures the decoder's final (normed) hidden states of a causal LM during a forward, and the
+    outputs of the decoder layers in ``taps`` (hidden-state distillation)."""
+
+    def __init__(self, causal_lm: nn.Module, taps: list[int] | None = None) -> None:
+        self.causal_lm = causal_lm
+        self.value: torch.Tensor | None = None
+        self.tapped: dict[int, torch.Tensor] = {}
+        self.active = False
+        self._weight: torch.Tensor | None = None
+        causal_lm.get_decoder().register_forward_hook(self._hook)
+        layers = decoder_layers(causal_lm)
+        for i in taps or []:
+            layers[i].register_forward_hook(self._tap(i))
+
+    def _hook(self, _module: nn.Module, _args: Any, out: Any) -> None:
+        if self.active:
+            self.value = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
+    def _tap(self, i: int) -> Any:
+        def hook(_module: nn.Module, _args: Any, out: Any) -> None:
+            if self.active:
+                self.tapped[i] = out[0] if isinstance(out, tuple) else out
+
+        return hook
+
+    def run(self, forward: Any, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+        self.active = True
+        try:
+            # Only the last position goes through lm_head here; the chunked loss projects the rest.
+            forward(**inputs, logits_to_keep=1, use_cache=False)
+        finally:
+            self.active = False
+        value, self.value = self.value, None
+        tapped, self.tapped = self.tapped, {}
+        assert value is not None, "the decoder's forward hook did not fire"
+        return value, tapped
+
+    def head_weight(self) -> torch.Tensor:
+        if self._weight is None:
+            self._weight = _gathered(self.causal_lm.get_output_embeddings().weight)
+        return self._weight
+
+
+class Distiller:
+    """Computes the distillation objective of one micro-batch for the trainer."""
+
+    def __init__(self, model: nn.Module, masks: Masks, cfg: Any, teacher: Any = None) -> None:
+        self.peft, self.masks, self.cfg = model, masks, cfg
+        self.student = _FinalHidden(model.get_base_model(), list(cfg.hidden_layers))
+        # teacher: None = the base inside the student's engine; else (engine, its causal LM)
+        self.teacher_engine = teacher[0] if teacher else None
+        self.teacher = _FinalHidden(teacher[1]) if teacher else None
+
+    @contextlib.contextmanager
+    def _as_teacher(self):
+        with torch.no_grad(), self.peft.disable_adapter(), self.masks.bypassed():
+            yield
+
+    def loss(self, forward: Any, batch: dict[str, torch.Tensor]) -> DistillLoss:
+        inputs = {k: v for k, v in batch.items() if k != "labels"}
+        t0 = time.perf_counter()
+        if self.teacher is None:
+            with self._as_teacher():
+                h_t, taps_t = self.student.run(forward, inputs)
+            w_t = None
+        else:
+            with torch.no_grad():
+                h_t, taps_t = self.teacher.run(self.teacher_engine, inputs)
+            w_t = self.teacher.head_weight()
+        teacher_s = time.perf_counter() - t0
+        h_s, taps_s = self.student.run(forward, inputs)
+        c, labels = self.cfg, batch["labels"]
+        ce, kl = distill_terms(
+            h_s, h_t.detach(), labels, self.student.head_weight(), w_t, c.temperature, c.top_k, c.chunk_tokens
+        )
+        loss = (1.0 - c.alpha) * ce + c.alpha * c.temperature**2 * kl
+        if c.hidden_layers:
+            sel = labels[:, 1:] != IGNORE
+            loss = loss + c.hidden_weight * sum(
+                hidden_mse(taps_s[i][:, :-1][sel], taps_t[i][:, :-1][sel].detach()) for i in c.hidden_layers
+            ) / len(c.hidden_layers)
+        return DistillLoss(loss, ce.item(), kl.item(), teacher_s)
+
+
+def load_teacher(path: str, cfg: Any, ds_config: dict[str, Any]) -> tuple[Any, nn.Module]:
+    """Another model as the teacher: frozen, 4-bit like the base, in an inference-only ZeRO-3 engine."""
+    from .model_loading import load_frozen
+
+    model = load_frozen(path, cfg)
+    inference = {k: v for k, v in ds_config.items() if k not in ("optimizer", "scheduler")}
+    engine, *_ = deepspeed.initialize(model=model, config=inference)
+    engine.eval()
+    return engine, model
