@@ -11,8 +11,10 @@ The loss on the target positions (shifted labels != -100, so packing and prompt 
 
 averaged over target tokens, as transformers averages its own causal-LM loss. Logits are never
 materialised for the whole micro-batch: both models return only their final hidden states, and the
-output projection, softmaxes and KL run over chunks of ``chunk_tokens`` positions, each under
-activation checkpointing, so memory grows with chunk x vocabulary, not sequence x vocabulary.
+output projection, softmaxes, KL and the gradient with respect to the student's hidden states are
+computed together over chunks of ``chunk_tokens`` positions (as fused linear-cross-entropy kernels
+do), so memory grows with chunk x vocabulary, not sequence x vocabulary, and backward recomputes
+nothing.
 The output embedding is frozen (it is not a LoRA target), so it is gathered once and kept.
 """
 
@@ -27,7 +29,6 @@ import deepspeed
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
 from .masks import Masks
 from .structure import decoder_layers
@@ -43,57 +44,75 @@ class DistillLoss:
     teacher_s: float  # seconds in the teacher's forward
 
 
-def _chunk_terms(
-    h_s: torch.Tensor,
-    h_t: torch.Tensor,
-    y: torch.Tensor,
-    w_s: torch.Tensor,
-    w_t: torch.Tensor,
-    temperature: float,
-    top_k: int,
-) -> torch.Tensor:
-    """Summed CE and summed KL of one chunk of positions, as a 2-vector."""
-    z_s = (h_s @ w_s.T).float()
-    with torch.no_grad():
-        z_t = (h_t @ w_t.T).float() / temperature
-        if top_k:
-            z_t, idx = z_t.topk(top_k, dim=-1)
-        log_p_t = F.log_softmax(z_t, dim=-1)
-    ce = F.cross_entropy(z_s, y, reduction="sum")
-    z = z_s / temperature
-    # top k: both distributions restricted to the teacher's k tokens, so the KL is zero at the teacher
-    log_p_s = F.log_softmax(z.gather(-1, idx) if top_k else z, dim=-1)
-    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum()
-    return torch.stack([ce, kl])
+class _FusedObjective(torch.autograd.Function):
+    """The objective and its gradient with respect to the student's hidden states in one pass over
+    chunks of positions: each chunk's logits exist only while it is processed, and nothing is
+    recomputed in backward, which just scales the stored gradient."""
+
+    @staticmethod
+    def forward(ctx: Any, h_s, h_t, y, w_s, w_t, alpha: float, temperature: float, top_k: int, chunk: int):
+        n, t = y.numel(), temperature
+        grad = torch.empty_like(h_s)
+        sums = torch.zeros(2, dtype=torch.float32, device=h_s.device)  # CE, KL
+        for i in range(0, n, chunk):
+            c = slice(i, i + chunk)
+            z_s = (h_s[c] @ w_s.T).float()
+            z_t = (h_t[c] @ w_t.T).float() / t
+            if top_k:
+                z_t, idx = z_t.topk(top_k, dim=-1)
+            log_p_t = F.log_softmax(z_t, dim=-1)
+            p_t = log_p_t.exp()
+            # top k: both distributions restricted to the teacher's k tokens (zero KL at the teacher)
+            z = z_s / t
+            log_q = F.log_softmax(z.gather(-1, idx) if top_k else z, dim=-1)
+            log_p_s = F.log_softmax(z_s, dim=-1)
+            sums[0] -= log_p_s.gather(-1, y[c, None]).sum()
+            sums[1] += (p_t * (log_p_t - log_q)).sum()
+            # d/dz_s of (1 - alpha) CE + alpha T^2 KL: (1 - alpha)(softmax - onehot) + alpha T (q - p_t)
+            dz = log_p_s.exp_().mul_(1.0 - alpha)
+            dz.scatter_add_(-1, y[c, None], dz.new_full((dz.shape[0], 1), -(1.0 - alpha)))
+            dq = (log_q.exp() - p_t).mul_(alpha * t)
+            if top_k:
+                dz.scatter_add_(-1, idx, dq)
+            else:
+                dz += dq
+            grad[c] = (dz.to(w_s.dtype) @ w_s).to(h_s.dtype)
+        ctx.save_for_backward(grad / n)
+        ce, kl = sums / n
+        objective = (1.0 - alpha) * ce + alpha * t * t * kl
+        ctx.mark_non_differentiable(ce, kl)
+        return objective, ce, kl
+
+    @staticmethod
+    def backward(ctx: Any, g: torch.Tensor, _g_ce: Any, _g_kl: Any):
+        (grad,) = ctx.saved_tensors
+        return grad * g.to(grad.dtype), None, None, None, None, None, None, None, None
 
 
-def distill_terms(
+def distill_objective(
     h_s: torch.Tensor,
     h_t: torch.Tensor,
     labels: torch.Tensor,
     w_s: torch.Tensor,
     w_t: torch.Tensor | None = None,
+    alpha: float = 0.5,
     temperature: float = 1.0,
     top_k: int = 0,
     chunk_tokens: int = 1024,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean CE and mean KL over the target positions of final hidden states ``(B, S, H)``.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(1 - alpha) CE + alpha T^2 KL`` (differentiable in ``h_s``), mean CE and mean KL, over the
+    target positions of final hidden states ``(B, S, H)``.
 
     ``labels`` are the unshifted causal-LM labels (position i predicts ``labels[i + 1]``), as passed
     to transformers; ``w_s``/``w_t`` are the student's and teacher's output embeddings ``(V, H)``."""
     w_t = w_s if w_t is None else w_t
     shift = labels[:, 1:]
     sel = shift != IGNORE
-    hs, ht, y = h_s[:, :-1][sel], h_t[:, :-1][sel], shift[sel]
-    n = y.numel()
-    if n == 0:  # keep the graph connected so that backward runs on every rank
+    hs, ht, y = h_s[:, :-1][sel], h_t[:, :-1][sel].detach(), shift[sel]
+    if y.numel() == 0:  # keep the graph connected so that backward runs on every rank
         zero = h_s.sum() * 0.0
-        return zero, zero.detach()
-    total = h_s.new_zeros(2, dtype=torch.float32)
-    for i in range(0, n, chunk_tokens):
-        c = slice(i, i + chunk_tokens)
-        total = total + checkpoint(_chunk_terms, hs[c], ht[c], y[c], w_s, w_t, temperature, top_k, use_reentrant=False)
-    return total[0] / n, total[1] / n
+        return zero, zero.detach(), zero.detach()
+    return _FusedObjective.apply(hs, ht, y, w_s.detach(), w_t.detach(), alpha, temperature, top_k, chunk_tokens)
 
 
 def hidden_mse(h_s: torch.Tensor, h_t: torch.Tensor) -> torch.Tensor:
@@ -184,10 +203,8 @@ class Distiller:
         teacher_s = time.perf_counter() - t0
         h_s, taps_s = self.student.run(forward, inputs)
         c, labels = self.cfg, batch["labels"]
-        ce, kl = distill_terms(
-            h_s, h_t.detach(), labels, self.student.head_weight(), w_t, c.temperature, c.top_k, c.chunk_tokens
-        )
-        loss = (1.0 - c.alpha) * ce + c.alpha * c.temperature**2 * kl
+        w_s = self.student.head_weight()
+        loss, ce, kl = distill_objective(h_s, h_t, labels, w_s, w_t, c.alpha, c.temperature, c.top_k, c.chunk_tokens)
         if c.hidden_layers:
             sel = labels[:, 1:] != IGNORE
             loss = loss + c.hidden_weight * sum(

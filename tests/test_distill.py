@@ -10,7 +10,7 @@ from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
 from pipeline.config import ConfigError, DistillConfig, config_from_dict
-from pipeline.distill import Distiller, distill_terms
+from pipeline.distill import Distiller, distill_objective
 from pipeline.masks import Masks
 from pipeline.structure import discover
 
@@ -45,13 +45,16 @@ def test_chunked_terms_and_grads_equal_full_logits(chunk, temperature, top_k):
     labels[2, 7:] = -100  # padding
     x = torch.randn(b, s, h, generator=g, dtype=torch.float64)
     h1, h2 = x.clone().requires_grad_(), x.clone().requires_grad_()
-    ce, kl = distill_terms(h1, h_t, labels, w, None, temperature, top_k, chunk)
+    alpha = 0.7
+    obj, ce, kl = distill_objective(h1, h_t, labels, w, None, alpha, temperature, top_k, chunk)
     ce_ref, kl_ref = _reference(h2, h_t, labels, w, temperature, top_k)
+    obj_ref = (1 - alpha) * ce_ref + alpha * temperature**2 * kl_ref
     torch.testing.assert_close(ce.double(), ce_ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(kl.double(), kl_ref, rtol=1e-5, atol=1e-6)
-    (0.3 * ce + 0.7 * kl).backward()
-    (0.3 * ce_ref + 0.7 * kl_ref).backward()
-    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(obj.double(), obj_ref, rtol=1e-5, atol=1e-6)
+    (2.0 * obj).backward()
+    (2.0 * obj_ref).backward()
+    torch.testing.assert_close(h1.grad, h2.grad, rtol=1e-4, atol=1e-7)
     assert kl.item() > 0.01
 
 
@@ -61,15 +64,15 @@ def test_kl_is_zero_when_student_is_teacher():
     w = torch.randn(30, 8, generator=g)
     labels = torch.randint(0, 30, (2, 9), generator=g)
     for top_k in (0, 5):
-        _, kl = distill_terms(h.clone().requires_grad_(), h, labels, w, None, 2.0, top_k, 4)
+        _, _, kl = distill_objective(h.clone().requires_grad_(), h, labels, w, None, 0.5, 2.0, top_k, 4)
         assert abs(kl.item()) < 1e-6
 
 
 def test_no_targets_gives_zero_and_a_connected_graph():
     h = torch.randn(1, 5, 4, requires_grad=True)
-    ce, kl = distill_terms(h, h.detach(), torch.full((1, 5), -100), torch.randn(7, 4))
-    ce.backward()
-    assert ce.item() == 0 and kl.item() == 0 and h.grad is not None
+    obj, ce, kl = distill_objective(h, h.detach(), torch.full((1, 5), -100), torch.randn(7, 4))
+    obj.backward()
+    assert obj.item() == ce.item() == kl.item() == 0 and h.grad is not None
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
