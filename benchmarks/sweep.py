@@ -14,6 +14,7 @@ import json
 import shlex
 import sys
 from pathlib import Path
+from typing import Any
 
 from pipeline.bench import BenchSettings, RunSpec, run_all
 from pipeline.config import InputError, load_config
@@ -52,15 +53,25 @@ def main(argv: list[str] | None = None) -> int:
                 "achieved_sparsity": s.get("achieved_sparsity") if s else None,
                 "seconds": round(r.seconds, 1),
                 "step_s_median": perf.get("step_s_median"),
+                "peak_memory_mb": s.get("peak_memory_mb") if s else None,
                 "teacher_time_share": (s.get("distill") or {}).get("teacher_time_share") if s else None,
             }
         )
     (out / "sweep.json").write_text(json.dumps(rows, indent=1))
-    lines = ["| run | ppl after | sparsity | seconds | overrides |", "|---|---|---|---|---|"]
+    lines = [
+        "| run | ppl after | sparsity | step s (median) | peak MB | teacher share | overrides |",
+        "|---|---|---|---|---|---|---|",
+    ]
+
+    def num(v: Any, fmt: str) -> str:
+        return format(v, fmt) if isinstance(v, (int, float)) else "-"
+
     for row in rows:
-        ppl = f"{row['eval_ppl_after']:.2f}" if row["eval_ppl_after"] else row["status"]
-        sp = f"{row['achieved_sparsity']:.3f}" if row["achieved_sparsity"] is not None else "-"
-        lines.append(f"| {row['name']} | {ppl} | {sp} | {row['seconds']} | `{row['overrides']}` |")
+        ppl = num(row["eval_ppl_after"], ".2f") if row["eval_ppl_after"] else row["status"]
+        lines.append(
+            f"| {row['name']} | {ppl} | {num(row['achieved_sparsity'], '.3f')} | {num(row['step_s_median'], '.3f')} "
+            f"| {num(row['peak_memory_mb'], '.0f')} | {num(row['teacher_time_share'], '.2f')} | `{row['overrides']}` |"
+        )
     (out / "sweep.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
