@@ -63,6 +63,14 @@ RESUMABLE_CHANGES = frozenset(
         "output.overwrite",
         "data.num_proc",
         "data.cache_dir",
+        "logging.report_to",
+        "logging.project",
+        "logging.run_name",
+        "eval.lm_eval_tasks",  # evaluated once, after the last step
+        "eval.lm_eval_limit",
+        "eval.lm_eval_batch_size",
+        "eval.lm_eval_num_fewshot",
+        "eval.lm_eval_include_path",
     }
 )
 
