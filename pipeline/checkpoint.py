@@ -2,6 +2,8 @@
 
 ``output.dir`` holds, once a run finishes (``summary.json`` is written last):
   adapter/adapter_model.safetensors, adapter/adapter_config.json  PEFT LoRA adapter (full tensors)
+  adapter/README.md   the adapter's card: what it is, what it was trained with
+  widths.png          kept heads and channels per layer
   masks.safetensors   heads [layers, num_attention_heads], channels [layers, intermediate]; 1 = kept
   scores.safetensors  smoothed unit scores (heads [layers, head_units], channels [layers, intermediate])
   config.yaml         the resolved run config
@@ -402,10 +404,15 @@ def save_run(
     scores_sd: dict[str, torch.Tensor],
     summary: dict[str, Any],
     alive: dict[str, torch.Tensor] | None = None,
+    model_dir: Path | None = None,
 ) -> None:
     out = Path(cfg.output.dir)
     save_adapter(model, out, alive)
     if D.is_main():
+        if model_dir is not None:  # replaces PEFT's empty template
+            from .cards import adapter_card
+
+            _atomic(out / "adapter" / "README.md", lambda p: adapter_card(cfg, summary, model_dir).save(p))
         _atomic(out / "masks.safetensors", lambda p: save_file(masks_sd, str(p)))
         _atomic(
             out / "scores.safetensors", lambda p: save_file({k: v.contiguous() for k, v in scores_sd.items()}, str(p))
