@@ -418,5 +418,10 @@ def save_run(
             out / "scores.safetensors", lambda p: save_file({k: v.contiguous() for k, v in scores_sd.items()}, str(p))
         )
         _atomic(out / "config.yaml", lambda p: save_config(cfg, p))
-        _atomic(out / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
+        write_summary(out, summary)
     D.barrier()
+
+
+def write_summary(out: Path, summary: dict[str, Any]) -> None:
+    """summary.json, the file that marks a run finished (rank 0)."""
+    _atomic(out / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2)))

@@ -97,8 +97,9 @@ def run_lm_eval(
     from lm_eval.models.huggingface import HFLM
 
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+    limit = (int(limit) if limit >= 1 else limit) if limit else None  # lm-eval: a count or a fraction
     results = lm_eval.simple_evaluate(
-        model=lm, tasks=tasks, limit=limit or None, task_manager=tm, num_fewshot=num_fewshot, log_samples=False
+        model=lm, tasks=tasks, limit=limit, task_manager=tm, num_fewshot=num_fewshot, log_samples=False
     )
     return {
         task: {_metric_name(k): float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and "," in k}
