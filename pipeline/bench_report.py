@@ -483,6 +483,8 @@ def plot_widths(summary: dict[str, Any], path: Path) -> None:
     """One run's kept widths per layer: query heads, KV heads and MLP channels, each as kept (coloured)
     against the original width (grey), with the kept count written on the bar."""
     plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
     s = summary["structure"]
     kinds = (
         ("kept_heads_per_layer", s["num_attention_heads"], "query heads"),
@@ -500,6 +502,7 @@ def plot_widths(summary: dict[str, Any], path: Path) -> None:
             for x, k in zip(layers, kept, strict=True):
                 ax.text(x, k, str(k), ha="center", va="bottom", fontsize=7)
         ax.set_ylim(0, total * 1.15)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_ylabel(f"{name}\n(of {total})")
         ax.margins(x=0.01)
     axes[0].legend(loc="upper right", fontsize=8, ncol=2, framealpha=0.9)

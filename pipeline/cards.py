@@ -106,8 +106,8 @@ def _finite(x: Any) -> bool:
 
 def eval_results(summary: dict[str, Any], eval_file: str) -> list[EvalResult]:
     """The run's evaluations as Hub eval results: lm-eval metrics (stderr left out) and the perplexity
-    training measured on data.eval."""
-    source = "lora-prune-pipeline run: masked model after training"
+    training measured on data.eval, both of the masked model at the end of training (the card's body
+    says so; the Hub's ``source_name`` would need a URL)."""
     out = [
         EvalResult(
             task_type="text-generation",
@@ -115,7 +115,6 @@ def eval_results(summary: dict[str, Any], eval_file: str) -> list[EvalResult]:
             dataset_name=task,
             metric_type=metric,
             metric_value=round(value, 6),
-            source_name=f"lm-evaluation-harness ({source})",
         )
         for task, metrics in (summary.get("lm_eval") or {}).items()
         for metric, value in metrics.items()
@@ -130,7 +129,6 @@ def eval_results(summary: dict[str, Any], eval_file: str) -> list[EvalResult]:
                 dataset_name=Path(eval_file).name,
                 metric_type="perplexity",
                 metric_value=round(ppl, 4),
-                source_name=source,
             )
         )
     return out

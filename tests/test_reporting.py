@@ -3,6 +3,7 @@ and the card, Hub-valid model and adapter cards, the strided perplexity helper, 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import re
@@ -170,6 +171,29 @@ def test_lm_eval_runs_a_local_task_and_names_unknown_ones(make_model, task_dir):
         lm_eval_task_manager(["tiny_vm"], str(task_dir))
 
 
+def test_evaluate_tool_puts_models_side_by_side(make_model, task_dir, tmp_path, capsys):
+    a, b = make_model("llama"), make_model("mistral")
+    saved = list(sys.path)  # the script rewrites sys.path[0]
+    try:
+        spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "tools" / "evaluate.py")
+        cli = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(cli)
+        args = ["--model", str(a), "--model", str(b), "--text", str(DEMO_VALID), "--seq-len", "64"]
+        args += ["--max-tokens", "512", "--speed-batch", "0", "--strided", "--window", "128"]
+        args += ["--json", str(tmp_path / "r.json")]
+        args += ["--lm-eval-tasks", "tiny_vim", "--lm-eval-include-path", str(task_dir), "--lm-eval-limit", "4"]
+        assert cli.main(args) == 0
+    finally:
+        sys.path[:] = saved
+    out = capsys.readouterr().out
+    report = json.loads((tmp_path / "r.json").read_text())
+    row = next(line for line in out.splitlines() if line.startswith("| tiny_vim | acc |"))
+    assert row == f"| tiny_vim | acc | {report[str(a)]['lm_eval']['tiny_vim']['acc']:.4f} | " + (
+        f"{report[str(b)]['lm_eval']['tiny_vim']['acc']:.4f} |"
+    )
+    assert report[str(a)]["strided"]["window"] == 128 and "strided ppl" in out
+
+
 # ------------------------------------------------------------------------------------------ cards
 
 
@@ -249,13 +273,14 @@ def test_run_reports_to_wandb_and_lm_eval_into_summary_and_cards(make_model, tmp
     assert "trained by lora-prune-pipeline" in adapter.text and "criterion lora" in adapter.text
 
     out = tmp_path / "compact"
-    sys.path.insert(0, str(ROOT / "tools"))
+    saved = list(sys.path)  # the script rewrites sys.path[0]
     try:
-        import compact
-
-        assert compact.main(["--run", str(run), "--out", str(out)]) == 0
+        spec = importlib.util.spec_from_file_location("compact_cli", ROOT / "tools" / "compact.py")
+        cli = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(cli)
+        assert cli.main(["--run", str(run), "--out", str(out)]) == 0
     finally:
-        sys.path.remove(str(ROOT / "tools"))
+        sys.path[:] = saved
     readme = (out / "README.md").read_text()
     card = ModelCard.load(out / "README.md")
     meta = card.data.to_dict()
