@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, read_summary, run_pipeline, write_config
+from huggingface_hub import ModelCard
 
 from pipeline.model_source import ModelError, classify, resolve_model_dir, source_record
 
@@ -174,4 +175,8 @@ def test_run_and_compact_from_a_gguf_file(tiny_gguf, tmp_path, monkeypatch) -> N
     assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
     assert json.loads((tmp_path / "c" / "config.json").read_text())["tie_word_embeddings"] is True
     card = (tmp_path / "c" / "README.md").read_text()
-    assert "GGUF file `tiny-llama.F32.gguf`" in card and "base_model: tiny-llama.F32\n" in card
+    # the GGUF file names no Hub repo in its metadata: no base_model (never the file's or a folder's name)
+    assert (
+        "GGUF file `tiny-llama.F32.gguf`" in card
+        and "base_model" not in ModelCard.load(tmp_path / "c" / "README.md").data
+    )

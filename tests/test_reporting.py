@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from wandb_records import read_run
 
 from pipeline import bench_report
-from pipeline.cards import base_model_id
+from pipeline.cards import base_license, base_model_id
 from pipeline.config import ConfigError, LoggingConfig, config_from_dict
 from pipeline.evaluation import lm_eval_task_manager, perplexity, run_lm_eval, strided_perplexity
 from pipeline.logs import RunLogger
@@ -210,6 +210,22 @@ def test_base_model_is_a_repo_id_never_a_folder(make_model, tmp_path):
     snap.mkdir(parents=True)
     (snap / "config.json").write_text(json.dumps(cfg))
     assert base_model_id(snap, str(snap)) == "org/tiny-model"
+    # a GGUF file that records its Hub repo and license (a converted directory's source.json points at it)
+    import gguf
+
+    w = gguf.GGUFWriter(str(tmp_path / "m.gguf"), "llama")
+    w.add_string("general.source.huggingface.repository", "SomeOrg/some-model")
+    w.add_string("general.license", "apache-2.0")
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    conv = tmp_path / "converted"
+    conv.mkdir()
+    (conv / "config.json").write_text(json.dumps(cfg))
+    (conv / "source.json").write_text(json.dumps({"format": "gguf", "file": "m.gguf", "path": str(tmp_path / "m.gguf")}))
+    assert base_model_id(conv, str(tmp_path / "m.gguf")) == "SomeOrg/some-model"
+    assert base_license(conv) == "apache-2.0"
 
 
 # ------------------------------------------------------------------------------------------ plots
@@ -251,13 +267,14 @@ def test_run_reports_to_wandb_and_lm_eval_into_summary_and_cards(make_model, tmp
         logging={"report_to": ["tensorboard", "wandb"], "project": "prune-test"},
         eval={"lm_eval_tasks": ["tiny_vim"], "lm_eval_include_path": str(task_dir), "lm_eval_batch_size": 4},
     )
-    proc = run_pipeline(cfg)
+    # 2 ZeRO-3 ranks: W&B on rank 0 only; lm-eval's forwards on every rank (they are collective)
+    proc = run_pipeline(cfg, ranks=2)
     assert proc.returncode == 0, proc.stderr[-4000:]
     summary = read_summary(run)
     acc = summary["lm_eval"]["tiny_vim"]["acc"]
     assert acc in {k / 8 for k in range(9)}
     assert (run / "widths.png").read_bytes()[:4] == b"\x89PNG"
-    (wb_dir,) = (run / "wandb").glob("offline-run-*")
+    (wb_dir,) = (run / "wandb").glob("offline-run-*")  # one run: rank 1 logged nothing
     rec = read_run(wb_dir)
     assert rec["config"]["pruning"]["target_sparsity"] == 0.5 and rec["config"]["eval"]["lm_eval_tasks"] == ["tiny_vim"]
     steps = {h["_step"] for h in rec["history"] if "train/loss" in h}
