@@ -223,7 +223,8 @@ def test_base_model_is_a_repo_id_never_a_folder(make_model, tmp_path):
     conv = tmp_path / "converted"
     conv.mkdir()
     (conv / "config.json").write_text(json.dumps(cfg))
-    (conv / "source.json").write_text(json.dumps({"format": "gguf", "file": "m.gguf", "path": str(tmp_path / "m.gguf")}))
+    src = {"format": "gguf", "file": "m.gguf", "path": str(tmp_path / "m.gguf")}
+    (conv / "source.json").write_text(json.dumps(src))
     assert base_model_id(conv, str(tmp_path / "m.gguf")) == "SomeOrg/some-model"
     assert base_license(conv) == "apache-2.0"
 
