@@ -42,7 +42,7 @@ from torch import nn
 
 from . import distributed as D
 from .config import Config, InputError, save_config
-from .logs import info
+from .logs import WANDB_ID, info
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -281,6 +281,7 @@ def start_fresh(out: Path) -> None:
         info(f"output.overwrite: the earlier run's checkpoints are now in {aside}")
     if (out / "summary.json").exists():
         os.replace(out / "summary.json", out / "summary.replaced.json")
+    (out / WANDB_ID).unlink(missing_ok=True)  # a new run is a new W&B run; a resumed one keeps the id
 
 
 def supersede_after(ckpt: Path) -> None:

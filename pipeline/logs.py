@@ -51,12 +51,13 @@ def width_rows(summary: dict[str, Any]) -> tuple[list[str], list[list[int]]]:
 
 
 def _flat_numbers(d: dict[str, Any], prefix: str = "") -> dict[str, float | str]:
-    """Scalars of a nested summary as "a/b" keys (lists and None left out: the tables carry those)."""
+    """Scalars of a nested summary as "a/b" keys (lists, None and NaN left out: the tables and
+    summary.json carry those)."""
     out: dict[str, float | str] = {}
     for k, v in d.items():
         if isinstance(v, dict):
             out.update(_flat_numbers(v, f"{prefix}{k}/"))
-        elif isinstance(v, (bool, int, float, str)):
+        elif isinstance(v, (bool, int, str)) or (isinstance(v, float) and math.isfinite(v)):
             out[f"{prefix}{k}"] = v
     return out
 
