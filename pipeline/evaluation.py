@@ -88,10 +88,11 @@ def run_lm_eval(
     batch_size: int = 8,
     task_manager: Any = None,
     num_fewshot: int | None = None,
-) -> dict[str, dict[str, float]]:
+) -> dict[str, dict[str, float]] | None:
     """lm-evaluation-harness tasks (e.g. hellaswag, arc_easy) on an already loaded model: per task, its
     numeric metrics (``acc``, ``acc_stderr``, ``acc_norm``, ...). Under ZeRO-3 every rank must call this:
-    each one runs every request, since a forward is collective."""
+    each one runs every request, since a forward is collective; lm-eval returns the results only in
+    processes with LOCAL_RANK 0 (None elsewhere)."""
     tm = task_manager or lm_eval_task_manager(tasks, key="lm-eval tasks")
     import lm_eval  # optional dependency, imported only when asked for
     from lm_eval.models.huggingface import HFLM
@@ -101,6 +102,8 @@ def run_lm_eval(
     results = lm_eval.simple_evaluate(
         model=lm, tasks=tasks, limit=limit, task_manager=tm, num_fewshot=num_fewshot, log_samples=False
     )
+    if results is None:  # lm-eval reports only where LOCAL_RANK is 0; D.broadcast_object shares rank 0's
+        return None
     return {
         task: {_metric_name(k): float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and "," in k}
         for task, metrics in results["results"].items()

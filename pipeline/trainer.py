@@ -305,7 +305,7 @@ class Trainer:
         if self.lm_eval_tm is not None:
             ev = cfg.eval
             info(f"lm-eval: {', '.join(ev.lm_eval_tasks)} on the masked model")
-            results = run_lm_eval(
+            results = run_lm_eval(  # every rank; rank 0's results are the ones kept
                 self.model,
                 self.tokenizer,
                 ev.lm_eval_tasks,
@@ -314,6 +314,7 @@ class Trainer:
                 self.lm_eval_tm,
                 None if ev.lm_eval_num_fewshot < 0 else ev.lm_eval_num_fewshot,
             )
+            results = D.broadcast_object(results)
             summary = {**summary, "lm_eval": results}
             log.scalars(cfg.train.steps, {f"lm_eval/{k}/{m}": v for k, ms in results.items() for m, v in ms.items()})
             for task, metrics in results.items():
