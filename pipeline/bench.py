@@ -641,7 +641,6 @@ def run_bench(st: BenchSettings, command: str, progress_bar: bool = True) -> dic
     from . import bench_report
 
     st.check()
-    bench_report.require_matplotlib()
     out = Path(st.out)
     out.mkdir(parents=True, exist_ok=True)
     t_start = time.perf_counter()

@@ -1,24 +1,28 @@
-"""``report.md`` and the PNG plots of a benchmark (``pipeline/bench.py``), from its ``results.json``."""
+"""``report.md`` and the PNG plots of a benchmark (``pipeline/bench.py``), from its ``results.json``;
+and ``widths.png``, the kept widths per layer of one run (written by the run next to summary.json)."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import math
 from pathlib import Path
 from typing import Any
 
-from .config import InputError
-
 QUALITY_PNG = "quality.png"
 LAYERS_PNG = "layers.png"
+WIDTHS_PNG = "widths.png"
+# One colour and marker per criterion, the same in every panel (Okabe-Ito colours: colour-blind safe).
+_STYLES = (
+    ("#0072B2", "o"),
+    ("#D55E00", "s"),
+    ("#009E73", "^"),
+    ("#CC79A7", "D"),
+    ("#E69F00", "v"),
+    ("#56B4E9", "P"),
+    ("#000000", "X"),
+    ("#F0E442", "*"),
+)
 MB = 2**20
-
-
-def require_matplotlib() -> None:
-    if importlib.util.find_spec("matplotlib") is None:
-        raise InputError(
-            "the benchmark plots need matplotlib: pip install -e '.[bench]' (or pip install 'matplotlib>=3.8,<4')"
-        )
 
 
 def _f(x: Any, spec: str = ".2f", suffix: str = "") -> str:
@@ -351,7 +355,6 @@ def write_report(results: dict[str, Any], out: Path) -> None:
 
 
 def _pyplot() -> Any:
-    require_matplotlib()
     import matplotlib
 
     matplotlib.use("Agg")
@@ -361,55 +364,86 @@ def _pyplot() -> Any:
 
 
 def plot_quality(results: dict[str, Any], path: Path) -> None:
-    """Perplexity against sparsity per criterion, one column per scope. Top row: one-shot (dashed) and
-    after fine-tuning (solid), log scale; bottom row: after fine-tuning only, linear, to tell the good
-    criteria apart."""
+    """Perplexity against sparsity, one panel per scope: after fine-tuning (solid) and one-shot (dashed,
+    hollow markers) per criterion, each with its own colour and marker; the dense LoRA ceiling once.
+    The y range is that of the after-fine-tuning values, where the criteria differ; a one-shot value
+    above it is drawn as a hollow triangle on the top edge with its value. Criteria with near-equal
+    perplexity are drawn side by side (a small horizontal offset each) so that none hides another."""
     plt = _pyplot()
-    from matplotlib.ticker import ScalarFormatter
+    from matplotlib.lines import Line2D
 
     st, rows = results["settings"], results["quality"]
-    scopes = st["scopes"]
-    fig, axes = plt.subplots(2, len(scopes), figsize=(5.5 * len(scopes) + 2.5, 8), squeeze=False, sharex=True)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for col, scope in enumerate(scopes):
-        top, bottom = axes[0][col], axes[1][col]
-        for i, m in enumerate(_methods(results)):
-            pts = sorted((r["sparsity"], r) for r in rows if r["method"] == m and r["scope"] == scope and r["ok"])
+    scopes, methods = st["scopes"], [m for m in _methods(results) if any(r["method"] == m for r in rows)]
+    sparsities = sorted(st["sparsities"])
+    span = (sparsities[-1] - sparsities[0]) or 1.0
+    dense = results["dense"]
+    ceiling_q = "nf4" if dense.get("nf4", {}).get("ppl_after") else next(iter(dense), None)
+    ceiling = dense[ceiling_q]["ppl_after"] if ceiling_q else None
+    ok = [r for r in rows if r["ok"] and r["ppl_after"]]
+    after_all = [r["ppl_after"] for r in ok]
+    lo = min([*after_all, ceiling or math.inf]) if after_all else 1.0
+    hi = max(after_all) if after_all else 2.0
+    top = hi + 0.12 * (hi - lo)
+    fig, axes = plt.subplots(1, len(scopes), figsize=(6.5 * len(scopes), 6.5), squeeze=False, sharey=True)
+    stacked: dict[tuple[str, float], list[int]] = {}  # off-scale labels per panel and sparsity
+    for ax, scope in zip(axes[0], scopes, strict=True):
+        for i, m in enumerate(methods):
+            color, marker = _STYLES[i % len(_STYLES)]
+            pts = sorted((r["sparsity"], r) for r in ok if r["method"] == m and r["scope"] == scope)
             if not pts:
                 continue
-            xs, color = [p[0] for p in pts], colors[i % len(colors)]
-            for ax in (top, bottom):
-                ax.plot(xs, [p[1]["ppl_after"] for p in pts], "o-", color=color, label=f"{m} (after fine-tuning)")
-            one = [(x, p["ppl_oneshot"]) for x, p in pts if p["ppl_oneshot"] is not None]
+            dx = (i - (len(methods) - 1) / 2) * 0.02 * span
+            xs = [x + dx for x, _ in pts]
+            ax.plot(xs, [r["ppl_after"] for _, r in pts], "-", color=color, marker=marker, ms=7, lw=1.8, zorder=3)
+            one = [(x, r["ppl_oneshot"], sp) for x, (sp, r) in zip(xs, pts, strict=True) if r["ppl_oneshot"]]
             if one:
-                top.plot(*zip(*one, strict=True), "x--", color=color, alpha=0.6, label=f"{m} (one-shot)")
-        for q, v in results["dense"].items():
-            style = ":" if q == "nf4" else "-."
-            for ax in (top, bottom):
-                if v["ppl_after"]:
-                    ax.axhline(v["ppl_after"], color="black", ls=style, lw=1, label=f"dense LoRA ({_base(q)})")
-                if v["ppl_before"]:
-                    ax.axhline(v["ppl_before"], color="grey", ls=style, lw=1, label=f"dense, before ({_base(q)})")
-        top.set_yscale("log")
-        top.yaxis.set_major_formatter(ScalarFormatter())
-        top.yaxis.set_minor_formatter(ScalarFormatter())
-        top.tick_params(axis="y", which="minor", labelsize=7)
-        top.set_title(f"{scope} scope: one-shot and after fine-tuning")
-        bottom.set_title(f"{scope} scope: after fine-tuning")
-        bottom.set_xticks(sorted(st["sparsities"]))
-        bottom.set_xlabel("target sparsity")
-        for ax in (top, bottom):
-            ax.grid(True, which="both", alpha=0.3)
-    axes[0][0].set_ylabel("held-out perplexity (log)")
-    axes[1][0].set_ylabel("held-out perplexity")
-    handles: dict[str, Any] = {}
-    for ax in axes.flat:
-        for h, label in zip(*ax.get_legend_handles_labels(), strict=True):
-            handles.setdefault(label, h)
-    fig.legend(handles.values(), handles.keys(), fontsize=7, loc="upper right")
-    fig.suptitle(f"{Path(st['model']).name}: {st['steps']} steps")
-    fig.tight_layout(rect=(0, 0, 1 - 2.3 / (5.5 * len(scopes) + 2.5), 0.97))
-    fig.savefig(path, dpi=100)
+                ox, oy = [o[0] for o in one], [o[1] for o in one]
+                ax.plot(ox, oy, "--", color=color, marker=marker, ms=6, lw=1, mfc="white", alpha=0.8)
+                for x, v, sp in one:
+                    if v > top:  # off the scale: mark it on the edge, its value stacked above (one row each)
+                        k = stacked.setdefault((scope, sp), [0])
+                        ax.plot([x], [top], marker="^", color=color, mfc="white", ms=7, clip_on=False)
+                        ax.annotate(
+                            f"{m} {v:.0f}",
+                            (sp, top),
+                            xytext=(0, 8 + 10 * k[0]),
+                            textcoords="offset points",
+                            ha="center",
+                            fontsize=7,
+                            color=color,
+                        )
+                        k[0] += 1
+        if ceiling:
+            ax.axhline(ceiling, color="grey", ls=":", lw=1.5, zorder=1)
+        ax.set_title(f"{scope} scope")
+        ax.set_xticks(sparsities)
+        ax.set_xlim(sparsities[0] - 0.15 * span, sparsities[-1] + 0.15 * span)
+        ax.set_ylim(lo - 0.04 * (hi - lo), top)
+        ax.set_xlabel("target sparsity (fraction of prunable parameters removed)")
+        ax.grid(True, alpha=0.3)
+    rows_above = max([k[0] for k in stacked.values()] or [0])
+    for ax in axes[0]:  # room for the off-scale labels, the same in every panel
+        ax.set_title(ax.get_title(), pad=12 + 10 * rows_above)
+    axes[0][0].set_ylabel("held-out perplexity")
+    handles = [
+        Line2D([], [], color=_STYLES[i % len(_STYLES)][0], marker=_STYLES[i % len(_STYLES)][1], ls="-", label=m)
+        for i, m in enumerate(methods)
+    ]
+    handles += [
+        Line2D([], [], color="black", ls="-", marker="o", label="after fine-tuning"),
+        Line2D([], [], color="black", ls="--", marker="o", mfc="white", label="one-shot (no training)"),
+        Line2D([], [], color="black", ls="", marker="^", mfc="white", label="one-shot above the scale (value)"),
+    ]
+    if ceiling:
+        others = [f"{_base(q)} {_f(v['ppl_after'])}" for q, v in dense.items() if q != ceiling_q and v["ppl_after"]]
+        extra = f"; {', '.join(others)}" if others else ""
+        label = f"dense LoRA, nothing pruned: {_f(ceiling)}\n({_base(ceiling_q)}{extra})"
+        handles.append(Line2D([], [], color="grey", ls=":", lw=1.5, label=label))
+    # Below the panels, inside the figure: nothing of the data is covered.
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 5), fontsize=8, frameon=False)
+    fig.suptitle(f"{Path(st['model']).name}: held-out perplexity, {st['steps']} steps of pruning while fine-tuning")
+    fig.tight_layout(rect=(0, 0.11, 1, 1))
+    fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
@@ -440,6 +474,46 @@ def plot_layers(results: dict[str, Any], path: Path) -> None:
             ax.set_title(f"{title} (of {total})")
             fig.colorbar(im, ax=ax, fraction=0.046, label="fraction kept")
     fig.suptitle(f"{Path(st['model']).name}: kept per layer at {s:g} ({scope} scope, after fine-tuning)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_widths(summary: dict[str, Any], path: Path) -> None:
+    """One run's kept widths per layer: query heads, KV heads and MLP channels, each as kept (coloured)
+    against the original width (grey), with the kept count written on the bar."""
+    plt = _pyplot()
+    from matplotlib.ticker import MaxNLocator
+
+    s = summary["structure"]
+    kinds = (
+        ("kept_heads_per_layer", s["num_attention_heads"], "query heads"),
+        ("kept_kv_heads_per_layer", s["num_key_value_heads"], "KV heads"),
+        ("kept_channels_per_layer", s["intermediate_size"], "MLP channels"),
+    )
+    n = len(summary["kept_heads_per_layer"])
+    fig, axes = plt.subplots(3, 1, figsize=(max(6.0, 0.32 * n + 2.5), 7.5), sharex=True)
+    for ax, (key, total, name), (color, _) in zip(axes, kinds, _STYLES, strict=False):
+        kept = summary[key]
+        layers = list(range(n))
+        ax.bar(layers, [total] * n, color="#dddddd", width=0.8, label="original")
+        ax.bar(layers, kept, color=color, width=0.8, label="kept")
+        if n <= 48:  # counts stay legible up to about this many layers
+            for x, k in zip(layers, kept, strict=True):
+                ax.text(x, k, str(k), ha="center", va="bottom", fontsize=7)
+        ax.set_ylim(0, total * 1.15)
+        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylabel(f"{name}\n(of {total})")
+        ax.margins(x=0.01)
+    axes[0].legend(loc="upper right", fontsize=8, ncol=2, framealpha=0.9)
+    axes[-1].set_xlabel("layer")
+    axes[-1].set_xticks(range(0, n, max(1, n // 24)))
+    title = (
+        f"{Path(str(summary.get('model_path', ''))).name}: {summary.get('criterion')} / {summary.get('scope')}, "
+        f"sparsity {_f(summary.get('achieved_sparsity'), '.3f')} of prunable parameters "
+        f"(target {_f(summary.get('target_sparsity'), 'g')})"
+    )
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

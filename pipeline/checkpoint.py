@@ -2,6 +2,8 @@
 
 ``output.dir`` holds, once a run finishes (``summary.json`` is written last):
   adapter/adapter_model.safetensors, adapter/adapter_config.json  PEFT LoRA adapter (full tensors)
+  adapter/README.md   the adapter's card: what it is, what it was trained with
+  widths.png          kept heads and channels per layer
   masks.safetensors   heads [layers, num_attention_heads], channels [layers, intermediate]; 1 = kept
   scores.safetensors  smoothed unit scores (heads [layers, head_units], channels [layers, intermediate])
   config.yaml         the resolved run config
@@ -40,7 +42,7 @@ from torch import nn
 
 from . import distributed as D
 from .config import Config, InputError, save_config
-from .logs import info
+from .logs import WANDB_ID, info
 
 CHECKPOINTS = "checkpoints"
 LATEST = "latest"
@@ -63,6 +65,14 @@ RESUMABLE_CHANGES = frozenset(
         "output.overwrite",
         "data.num_proc",
         "data.cache_dir",
+        "logging.report_to",
+        "logging.project",
+        "logging.run_name",
+        "eval.lm_eval_tasks",  # evaluated once, after the last step
+        "eval.lm_eval_limit",
+        "eval.lm_eval_batch_size",
+        "eval.lm_eval_num_fewshot",
+        "eval.lm_eval_include_path",
     }
 )
 
@@ -271,6 +281,7 @@ def start_fresh(out: Path) -> None:
         info(f"output.overwrite: the earlier run's checkpoints are now in {aside}")
     if (out / "summary.json").exists():
         os.replace(out / "summary.json", out / "summary.replaced.json")
+    (out / WANDB_ID).unlink(missing_ok=True)  # a new run is a new W&B run; a resumed one keeps the id
 
 
 def supersede_after(ckpt: Path) -> None:
@@ -394,14 +405,24 @@ def save_run(
     scores_sd: dict[str, torch.Tensor],
     summary: dict[str, Any],
     alive: dict[str, torch.Tensor] | None = None,
+    model_dir: Path | None = None,
 ) -> None:
     out = Path(cfg.output.dir)
     save_adapter(model, out, alive)
     if D.is_main():
+        if model_dir is not None:  # replaces PEFT's empty template
+            from .cards import adapter_card
+
+            _atomic(out / "adapter" / "README.md", lambda p: adapter_card(cfg, summary, model_dir).save(p))
         _atomic(out / "masks.safetensors", lambda p: save_file(masks_sd, str(p)))
         _atomic(
             out / "scores.safetensors", lambda p: save_file({k: v.contiguous() for k, v in scores_sd.items()}, str(p))
         )
         _atomic(out / "config.yaml", lambda p: save_config(cfg, p))
-        _atomic(out / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
+        write_summary(out, summary)
     D.barrier()
+
+
+def write_summary(out: Path, summary: dict[str, Any]) -> None:
+    """summary.json, the file that marks a run finished (rank 0)."""
+    _atomic(out / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2)))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -164,6 +165,33 @@ class OutputConfig:
     overwrite: bool = False  # allow writing over a finished run in output.dir
 
 
+REPORT_TO = ("tensorboard", "wandb", "none")
+WANDB_MISSING = "wandb is not installed: pip install -e '.[wandb]'"
+LM_EVAL_MISSING = (
+    "the lm-evaluation-harness is not installed: pip install -e '.[eval]' (its built-in tasks download "
+    "their data sets from the Hugging Face Hub on first use)"
+)
+
+
+@dataclass
+class LoggingConfig:
+    # tensorboard | wandb | both (a list, or "tensorboard,wandb") | none; rank 0 only
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    project: str = "lora-prune"  # W&B project
+    run_name: str = ""  # W&B run name; "" = the name of output.dir
+
+
+@dataclass
+class EvalConfig:
+    """lm-evaluation-harness tasks run once at the end, on the masked model (base + adapters + masks)."""
+
+    lm_eval_tasks: list[str] = field(default_factory=list)  # e.g. [arc_easy, hellaswag]; [] = none
+    lm_eval_limit: float = 0.0  # examples per task (a fraction if < 1); 0 = all
+    lm_eval_batch_size: int = 8
+    lm_eval_num_fewshot: int = -1  # -1 = each task's default
+    lm_eval_include_path: str = ""  # a folder of extra task YAMLs (local tasks), searched before the built-in ones
+
+
 @dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -174,6 +202,8 @@ class Config:
     distill: DistillConfig = field(default_factory=DistillConfig)
     deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
     output: OutputConfig = field(default_factory=OutputConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -190,7 +220,7 @@ _CHOICES = {
 }
 
 
-def _validate(cfg: Config) -> list[str]:
+def _validate(cfg: Config, check_environment: bool = True) -> list[str]:
     errs: list[str] = []
     for key, choices in _CHOICES.items():
         section, name = key.split(".")
@@ -268,6 +298,8 @@ def _validate(cfg: Config) -> list[str]:
     if not cfg.lora.target_modules:
         errs.append("lora.target_modules is empty: list the projections to adapt, e.g. [q_proj, o_proj]")
     errs += _validate_distill(cfg)
+    errs += _validate_logging(cfg.logging, check_environment)
+    errs += _validate_eval(cfg.eval, check_environment)
     return errs
 
 
@@ -295,6 +327,41 @@ def _validate_distill(cfg: Config) -> list[str]:
             "distill.enabled with lm_head in lora.target_modules: distillation projects hidden states "
             "through the frozen output embedding; remove lm_head from lora.target_modules"
         )
+    return errs
+
+
+def _missing(module: str) -> bool:
+    return importlib.util.find_spec(module) is None
+
+
+def _validate_logging(lg: LoggingConfig, check_environment: bool) -> list[str]:
+    bad = [r for r in lg.report_to if r not in REPORT_TO]
+    errs = [f"logging.report_to: {r!r} is not one of {', '.join(REPORT_TO)}" for r in bad]
+    if "none" in lg.report_to and len(lg.report_to) > 1:
+        errs.append(f"logging.report_to={lg.report_to}: none cannot be combined with a logger")
+    if not lg.report_to:
+        errs.append("logging.report_to is empty: use tensorboard, wandb, [tensorboard, wandb] or none")
+    if "wandb" in lg.report_to and check_environment and _missing("wandb"):
+        errs.append(f"logging.report_to={','.join(lg.report_to)}: {WANDB_MISSING} (or leave wandb out)")
+    if "wandb" in lg.report_to and not lg.project:
+        errs.append("logging.project is empty: name the W&B project, e.g. logging.project=lora-prune")
+    return errs
+
+
+def _validate_eval(ev: EvalConfig, check_environment: bool) -> list[str]:
+    errs: list[str] = []
+    if ev.lm_eval_limit < 0:
+        errs.append(f"eval.lm_eval_limit={ev.lm_eval_limit}: must be >= 0 (0 = every example)")
+    elif ev.lm_eval_limit >= 1 and ev.lm_eval_limit != int(ev.lm_eval_limit):
+        errs.append(f"eval.lm_eval_limit={ev.lm_eval_limit}: a count must be whole (or a fraction below 1)")
+    if ev.lm_eval_batch_size < 1:
+        errs.append(f"eval.lm_eval_batch_size={ev.lm_eval_batch_size}: must be >= 1")
+    if ev.lm_eval_num_fewshot < -1:
+        errs.append(f"eval.lm_eval_num_fewshot={ev.lm_eval_num_fewshot}: must be >= 0, or -1 for each task's default")
+    if ev.lm_eval_include_path and check_environment and not Path(ev.lm_eval_include_path).is_dir():
+        errs.append(f"eval.lm_eval_include_path={ev.lm_eval_include_path}: not a directory of task YAML files")
+    if ev.lm_eval_tasks and check_environment and _missing("lm_eval"):
+        errs.append(f"eval.lm_eval_tasks={','.join(ev.lm_eval_tasks)}: {LM_EVAL_MISSING} (or leave the key empty)")
     return errs
 
 
@@ -407,12 +474,14 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
+def config_from_dict(data: dict[str, Any], source: str = "config", check_environment: bool = True) -> Config:
+    """``check_environment=False`` skips what depends on this machine (optional packages installed, the
+    lm-eval task folder present): for reading a finished run's config (tools/compact.py needs neither)."""
     cfg = Config()
     errs: list[str] = []
     _apply(cfg, data, "", errs)
     if not errs:
-        errs = _validate(cfg)
+        errs = _validate(cfg, check_environment)
     if errs:
         raise ConfigError(f"{source}: {len(errs)} problem(s):\n  - " + "\n  - ".join(errs))
     return cfg

@@ -29,6 +29,7 @@ from typing import Any
 import bitsandbytes as bnb
 import torch
 import yaml
+from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.errors import StrictDataclassError
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -36,6 +37,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from . import modeling_pruned
+from .cards import TAGS, base_license, base_model_id, card, eval_results, lm_eval_table
 from .config import Config, InputError, config_from_dict
 from .masks import Masks
 from .model_loading import resolve_dtype
@@ -214,7 +216,7 @@ def _run_config(path: Path) -> tuple[Config, list[str]]:
             continue
         clean[section] = {k: v for k, v in values.items() if k in known[section]}
         ignored += [f"{section}.{k}" for k in values if k not in known[section]]
-    return config_from_dict(clean, str(path)), ignored
+    return config_from_dict(clean, str(path), check_environment=False), ignored
 
 
 def load_run(run_dir: str | Path, base: str | Path | None = None) -> Run:
@@ -564,15 +566,6 @@ def _fmt(x: Any, spec: str = ".4g") -> str:
     return format(x, spec) if isinstance(x, (int, float)) and x == x else str(x)
 
 
-def _base_name(rec: dict[str, str], base_dir: Path) -> str:
-    """The card's base_model: the repo id, the GGUF file's stem, or the directory's name."""
-    if rec["format"] == "hub":
-        return rec["repo_id"]
-    if rec["format"] == "gguf":
-        return Path(rec["file"]).stem
-    return base_dir.name
-
-
 def _source_text(rec: dict[str, str]) -> str:
     if rec["format"] == "gguf":
         return f"GGUF file `{rec['file']}`, dequantized by transformers (model.path `{rec['given']}`)"
@@ -581,14 +574,29 @@ def _source_text(rec: dict[str, str]) -> str:
     return f"directory `{rec['given']}`"
 
 
-def model_card(run: Run, result: ExportResult, custom_reason: str) -> str:
+def load_snippet(path: Path, stock: bool, tokenizer: bool) -> str:
+    """Python that loads the exported model (and generates a few tokens when it has a tokenizer)."""
+    remote = "" if stock else ", trust_remote_code=True"
+    lines = [
+        "from transformers import AutoModelForCausalLM, AutoTokenizer",
+        "",
+        f"path = {str(path)!r}  # this folder; its Hub repo id once uploaded",
+        f"model = AutoModelForCausalLM.from_pretrained(path{remote})",
+    ]
+    if tokenizer:
+        lines += [
+            "tokenizer = AutoTokenizer.from_pretrained(path)",
+            'inputs = tokenizer("The", return_tensors="pt")',
+            "output = model.generate(**inputs, max_new_tokens=16, do_sample=False)",
+            "print(tokenizer.decode(output[0], skip_special_tokens=True))",
+        ]
+    return "\n".join(lines)
+
+
+def model_card(run: Run, result: ExportResult, custom_reason: str, tokenizer: bool = True) -> ModelCard:
     s, summ, cfg = run.structure, run.summary, run.cfg
     source = source_record(run.base_dir, str(cfg.model.path))
-    load = (
-        "AutoModelForCausalLM.from_pretrained(path)"
-        if result.stock
-        else "AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True)"
-    )
+    base = base_model_id(run.base_dir, str(cfg.model.path))
     rows = "\n".join(
         f"| {i} | {p.num_heads}/{s.num_heads} | {p.num_kv_heads}/{s.num_kv_heads} | "
         f"{p.intermediate_size}/{s.intermediate_size} |"
@@ -621,31 +629,45 @@ def model_card(run: Run, result: ExportResult, custom_reason: str) -> str:
         ("base source", _source_text(source)),
     ]
     table = "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in facts)
-    return f"""---
-library_name: transformers
-base_model: {_base_name(source, run.base_dir)}
-tags: [pruned, structured-pruning, lora]
----
-# {result.out_dir.name}
+    lm_eval = lm_eval_table(summ)
+    lm_eval_text = (
+        "\n## lm-evaluation-harness (masked model at the end of training)\n\n"
+        "Measured by the run (`eval.lm_eval_tasks`) on the base + adapter + masks it trained; a `dequantized` "
+        "merge reproduces that model exactly, an `original` merge differs by the 4-bit error. "
+        "`tools/evaluate.py --lm-eval-tasks` measures the compact model itself.\n\n" + lm_eval + "\n"
+        if lm_eval
+        else ""
+    )
+    data = ModelCardData(
+        base_model=base,
+        license=base_license(run.base_dir),
+        library_name="transformers",
+        pipeline_tag="text-generation",
+        tags=list(TAGS),
+        model_name=result.out_dir.name,
+        eval_results=eval_results(summ, cfg.data.eval) or None,
+    )
+    origin = f"`{base}`" if base else f"the local model `{cfg.model.path}`"
+    body = f"""# {result.out_dir.name}
 
-Structurally pruned from `{run.base_dir}` by LoRA-guided structured pruning while fine-tuning: attention
-heads (unit: {s.head_unit}) and MLP channels were masked during LoRA training on a
-{cfg.model.quantization} base, then the adapter was merged into the {result.merge_into} base weights and
-the masked heads and channels were removed. Architecture: {arch}.
+Structurally pruned from {origin} by LoRA-guided
+structured pruning while fine-tuning: attention heads (unit: {s.head_unit}) and MLP channels were masked
+during LoRA training on a {cfg.model.quantization} base, then the adapter was merged into the
+{result.merge_into} base weights and the masked heads and channels were removed. Architecture: {arch}.
 
 ```python
-from transformers import AutoModelForCausalLM
-model = {load}
+{load_snippet(result.out_dir.resolve(), result.stock, tokenizer)}
 ```
 
 {table}
-
+{lm_eval_text}
 Per-layer widths (kept / original):
 
 | layer | query heads | KV heads | MLP channels |
 |---|---|---|---|
 {rows}
 """
+    return card(data, body)
 
 
 # ---------------------------------------------------------------------------------------------- export
@@ -723,12 +745,14 @@ def export(
             notes.append(f"{reason}: wrote modeling_pruned.py; load with trust_remote_code=True")
         if (run.base_dir / "generation_config.json").is_file():
             shutil.copyfile(run.base_dir / "generation_config.json", tmp / "generation_config.json")
+        tokenizer = True
         try:
             AutoTokenizer.from_pretrained(run.base_dir).save_pretrained(tmp)
         except (OSError, ValueError) as e:
+            tokenizer = False
             notes.append(f"no tokenizer written ({e}); copy it from {run.base_dir}")
         result = ExportResult(out_dir, not reason, base.numel(), writer.numel, plans, dtype, merge_into, notes)
-        (tmp / "README.md").write_text(model_card(run, result, reason))
+        model_card(run, result, reason, tokenizer).save(tmp / "README.md")
         for note in notes:
             log(f"note: {note}")
         if check is not None:

@@ -17,6 +17,7 @@ import torch
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from . import distributed as D
+from .bench_report import WIDTHS_PNG, plot_widths
 from .checkpoint import (
     CHECKPOINTS,
     check_output_dir,
@@ -26,11 +27,13 @@ from .checkpoint import (
     save_run,
     start_fresh,
     supersede_after,
+    write_summary,
 )
 from .config import Config, ConfigError, save_config
 from .data import TrainBatches, Windows, eval_batches, load_split, n_targets
 from .distill import Distiller, load_teacher
 from .ds_config import resolve
+from .evaluation import lm_eval_task_manager, run_lm_eval
 from .faults import Faults
 from .logs import RunLogger, info, peak_memory_mb
 from .masks import Masks
@@ -100,6 +103,8 @@ def evaluate(engine: Any, blocks: Windows | None, micro_batch: int) -> tuple[flo
 class Trainer:
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
+        ev = cfg.eval  # unknown lm-eval task names stop the run here, before start-up and loading
+        self.lm_eval_tm = lm_eval_task_manager(ev.lm_eval_tasks, ev.lm_eval_include_path) if ev.lm_eval_tasks else None
         D.init()
         check_output_dir(cfg)
         # Cheap checks before any heavy work: the model structure and the data.
@@ -210,7 +215,7 @@ class Trainer:
             save_config(cfg, out / "config.yaml")
         D.barrier()
         info(f"eval before: loss {eval_before[0]:.4f} ppl {eval_before[1]:.2f}")
-        log = RunLogger(out, t.steps, start)
+        log = RunLogger(out, t.steps, start, cfg.logging, cfg.to_dict())
         stop = StopRequest()
         dev = D.device()
         tokens_per_step = self.batches.global_batch * cfg.data.seq_len
@@ -270,15 +275,54 @@ class Trainer:
                 self.faults.end_of_step(step)
             eval_after = evaluate(self.engine, self.eval_blocks, t.micro_batch_size)
             log.scalars(t.steps, {"eval/loss": eval_after[0], "eval/ppl": eval_after[1]})
+        except BaseException:
+            log.close(ok=False)
+            raise
         finally:
             stop.close()
-            log.close()
         info(f"eval after: loss {eval_after[0]:.4f} ppl {eval_after[1]:.2f}; sparsity {self.masks.sparsity():.4f}")
         summary = self._summary(eval_before, eval_after)
         scores = {k: v for k, v in self.pruner.state_dict().items() if k.startswith("scores.")}
         alive = self.rank_pruner.alive if self.rank_pruner else None
-        save_run(self.model, cfg, self.masks.state_dict(), scores, summary, alive)
+        save_run(self.model, cfg, self.masks.state_dict(), scores, summary, alive, self.model_dir)
         info(f"wrote {out}")
+        ok = False
+        try:
+            summary = self._after_run(log, summary)
+            ok = True
+        finally:
+            log.close(ok)
+        return summary
+
+    def _after_run(self, log: RunLogger, summary: dict[str, Any]) -> dict[str, Any]:
+        """After the run is saved (so a failure or a kill here loses nothing of it): widths.png, the
+        lm-eval tasks on the masked model (every rank: its forwards are collective), whose results are
+        added to summary.json, and the summary to the loggers."""
+        cfg, out = self.cfg, Path(self.cfg.output.dir)
+        widths = out / WIDTHS_PNG
+        if D.is_main():
+            plot_widths(summary, widths)
+        if self.lm_eval_tm is not None:
+            ev = cfg.eval
+            info(f"lm-eval: {', '.join(ev.lm_eval_tasks)} on the masked model")
+            results = run_lm_eval(  # every rank; rank 0's results are the ones kept
+                self.model,
+                self.tokenizer,
+                ev.lm_eval_tasks,
+                ev.lm_eval_limit or None,
+                ev.lm_eval_batch_size,
+                self.lm_eval_tm,
+                None if ev.lm_eval_num_fewshot < 0 else ev.lm_eval_num_fewshot,
+            )
+            results = D.broadcast_object(results)
+            summary = {**summary, "lm_eval": results}
+            log.scalars(cfg.train.steps, {f"lm_eval/{k}/{m}": v for k, ms in results.items() for m, v in ms.items()})
+            for task, metrics in results.items():
+                info(f"lm-eval {task}: " + ", ".join(f"{m} {v:.4f}" for m, v in metrics.items()))
+            if D.is_main():
+                write_summary(out, summary)
+            D.barrier()
+        log.final(cfg.train.steps, summary, widths)
         return summary
 
     # -- bad steps

@@ -12,7 +12,9 @@ import numpy as np
 import pytest
 import torch
 from conftest import ROOT, read_summary, run_pipeline, write_config
+from huggingface_hub import ModelCard
 
+from pipeline.cards import base_license, base_model_id
 from pipeline.model_source import ModelError, classify, resolve_model_dir, source_record
 
 LAYERS, HIDDEN, FFN, HEADS, KV = 2, 72, 96, 9, 3  # odd head counts, as in SmolLM2
@@ -133,6 +135,9 @@ def test_hub_id_resolves_through_the_cache(tmp_path, monkeypatch) -> None:
     src = classify("org/tiny")
     assert src.kind == "hub" and src.path == snap
     assert source_record(snap, "org/tiny") == {"format": "hub", "repo_id": "org/tiny", "given": "org/tiny"}
+    # the model card names it by its repo id, with the license of the base's own card
+    (snap / "README.md").write_text("---\nlicense: mit\n---\n# tiny\n")
+    assert base_model_id(snap, "org/tiny") == "org/tiny" and base_license(snap) == "mit"
 
 
 @pytest.mark.distributed
@@ -174,4 +179,6 @@ def test_run_and_compact_from_a_gguf_file(tiny_gguf, tmp_path, monkeypatch) -> N
     assert "model.embed_tokens.weight" in names and "lm_head.weight" not in names
     assert json.loads((tmp_path / "c" / "config.json").read_text())["tie_word_embeddings"] is True
     card = (tmp_path / "c" / "README.md").read_text()
-    assert "GGUF file `tiny-llama.F32.gguf`" in card and "base_model: tiny-llama.F32\n" in card
+    # the GGUF file names no Hub repo in its metadata: no base_model (never the file's or a folder's name)
+    assert "GGUF file `tiny-llama.F32.gguf`" in card
+    assert "base_model" not in ModelCard.load(tmp_path / "c" / "README.md").data.to_dict()

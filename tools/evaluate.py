@@ -3,18 +3,24 @@
 python tools/evaluate.py --text ../shared/data/vimdoc/valid.txt --model DENSE_DIR --model COMPACT_DIR
     [--seq-len 256] [--max-tokens 40000] [--format auto|text|alpaca|chat] [--text-field text] [--no-packing]
     [--speed-batch 8] [--repeats 15] [--threads N]
-    [--lm-eval-tasks hellaswag,arc_easy [--lm-eval-limit N] [--lm-eval-batch-size 8]]
+    [--lm-eval-tasks hellaswag,arc_easy [--lm-eval-limit N] [--lm-eval-batch-size 8] [--lm-eval-include-path DIR]]
+    [--strided [--window 2048] [--stride 0]] [--json OUT.json]
 
 The first --model is the reference for the speed ratio. Tokenized with the first model's tokenizer,
 into the windows training's data.eval gives (same format detection and prompt masking), so the
 perplexity of a compact model is comparable with the run's eval_ppl_after. Models with their own
 modeling code (per-layer widths) load with trust_remote_code. --lm-eval-tasks also runs those
-lm-evaluation-harness tasks on every model (needs `pip install 'lm_eval[hf]'` and the tasks' data).
+lm-evaluation-harness tasks on every model and prints them side by side (needs `pip install -e '.[eval]'`
+and the tasks' data; --lm-eval-include-path adds a folder of task YAMLs of your own). --strided also
+prints the wikitext-style perplexity of the whole --text file (pipeline/evaluation.strided_perplexity:
+tokenized once, windows of --window tokens every --stride tokens, 0 = non-overlapping as the papers
+report). --json writes every figure to a file.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -25,7 +31,14 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.config import DATA_FORMATS, InputError
-from pipeline.evaluation import LM_EVAL_MISSING, eval_windows, lm_eval_available, perplexity, run_lm_eval
+from pipeline.evaluation import (
+    STRIDED_WINDOW,
+    eval_windows,
+    lm_eval_task_manager,
+    perplexity,
+    run_lm_eval,
+    strided_perplexity,
+)
 from pipeline.export_verify import forward_speed, n_params
 
 
@@ -44,11 +57,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--lm-eval-tasks", default="", help="comma-separated lm-evaluation-harness tasks")
     ap.add_argument("--lm-eval-limit", type=float, default=None, help="examples per task (or a fraction)")
     ap.add_argument("--lm-eval-batch-size", type=int, default=8)
+    ap.add_argument("--lm-eval-include-path", default="", help="folder of extra lm-eval task YAMLs")
+    ap.add_argument("--strided", action="store_true", help="also the strided perplexity of the whole --text file")
+    ap.add_argument("--window", type=int, default=STRIDED_WINDOW, help=f"strided window (default {STRIDED_WINDOW})")
+    ap.add_argument("--stride", type=int, default=0, help="strided stride (default 0 = --window: no overlap)")
+    ap.add_argument("--json", default=None, help="write the figures to this JSON file")
     args = ap.parse_args(argv)
     tasks = [t.strip() for t in args.lm_eval_tasks.split(",") if t.strip()]
-    if tasks and not lm_eval_available():  # before loading any model
-        print(f"error: --lm-eval-tasks: {LM_EVAL_MISSING}", file=sys.stderr)
-        return 2
+    tm = None
+    if tasks:  # before loading any model
+        try:
+            tm = lm_eval_task_manager(tasks, args.lm_eval_include_path, key="--lm-eval-tasks")
+        except InputError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     if args.threads:
         torch.set_num_threads(args.threads)
     tok = AutoTokenizer.from_pretrained(args.model[0])
@@ -64,17 +86,43 @@ def main(argv: list[str] | None = None) -> int:
     x = windows.input_ids[: args.speed_batch].long()
     speed = forward_speed(models, x, repeats=args.repeats) if args.speed_batch else {}
     ref = args.model[0]
+    report: dict[str, dict] = {}
     for name, model in models.items():
         loss, ppl = perplexity(model, windows)
+        report[name] = {"params": n_params(model), "loss": loss, "ppl": ppl}
         line = f"{name}: params {n_params(model):,}  loss {loss:.4f}  ppl {ppl:.2f}"
         if speed:
+            report[name]["tokens_per_s"] = speed[name]
             line += f"  {speed[name]:.0f} tok/s (x{speed[name] / speed[ref]:.2f} vs {Path(ref).name})"
+        if args.strided:
+            s_loss, s_ppl, n = strided_perplexity(model, tok, args.text, args.window, args.stride)
+            report[name]["strided"] = {"loss": s_loss, "ppl": s_ppl, "tokens": n, "window": args.window}
+            line += f"  strided ppl {s_ppl:.2f} ({n} tokens, window {args.window}, stride {args.stride or args.window})"
         print(line)
-    for name, model in models.items() if tasks else ():
-        for task, metrics in run_lm_eval(model, tok, tasks, args.lm_eval_limit, args.lm_eval_batch_size).items():
-            shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if isinstance(v, float))
-            print(f"{name}: lm-eval {task}: {shown}")
+    if tasks:
+        for name, model in models.items():
+            report[name]["lm_eval"] = run_lm_eval(
+                model, tok, tasks, args.lm_eval_limit, args.lm_eval_batch_size, task_manager=tm
+            )
+        print(lm_eval_table(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
     return 0
+
+
+def lm_eval_table(report: dict[str, dict]) -> str:
+    """lm-eval metrics side by side: a row per task and metric, a column per model (the first is the reference)."""
+    names = list(report)
+    head = "| task | metric | " + " | ".join(Path(n).name for n in names) + " |"
+    lines = [head, "|---|---|" + "---|" * len(names)]
+    first = report[names[0]]["lm_eval"]
+    for task, metrics in first.items():
+        for metric in metrics:
+            if "_stderr" in metric:
+                continue
+            cells = [report[n]["lm_eval"].get(task, {}).get(metric) for n in names]
+            lines.append(f"| {task} | {metric} | " + " | ".join("-" if c is None else f"{c:.4f}" for c in cells) + " |")
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":
