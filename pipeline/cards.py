@@ -176,11 +176,25 @@ def adapter_card(cfg: Any, summary: dict[str, Any], model_dir: Path) -> ModelCar
         ("target modules", ", ".join(lora.target_modules)),
         ("training data", f"`{d.train}`" + (f" (+{len(d.mix)} mixed sources)" if d.mix else "") + f", {d.format}"),
         ("steps / tokens", f"{t.steps} / {summary.get('tokens_seen', 0):,} ({d.seq_len}-token windows)"),
-        ("optimizer", f"AdamW, lr {t.lr:g}, warm-up {t.warmup_steps} steps, cosine to {t.min_lr_ratio:g} x lr"),
+        (
+            "optimizer",
+            f"AdamW, lr {t.lr:g}, warm-up {t.warmup_steps} steps, "
+            + ("constant" if t.min_lr_ratio == 1.0 else f"cosine to {t.min_lr_ratio:g} x lr"),
+        ),
         (
             "pruning",
             f"criterion {p.criterion}, scope {p.scope}, target sparsity {p.target_sparsity:g} "
             f"(achieved {summary.get('achieved_sparsity', float('nan')):.4g} of the prunable parameters)",
+        ),
+        (
+            "distillation",
+            (
+                "KL from "
+                + ("the dense base (adapters and masks off)" if cfg.distill.teacher == "base" else cfg.distill.teacher)
+                + f", alpha {cfg.distill.alpha:g}, temperature {cfg.distill.temperature:g}"
+            )
+            if cfg.distill.enabled
+            else "off",
         ),
         (
             "eval perplexity before / after",

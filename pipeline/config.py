@@ -108,7 +108,7 @@ class TrainConfig:
     grad_accum: int = 1
     lr: float = 1e-3
     warmup_steps: int = 0
-    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    min_lr_ratio: float = 1.0  # cosine decay ends at lr * min_lr_ratio (1 = constant, measured best)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     seed: int = 0
@@ -143,15 +143,12 @@ class PruningConfig:
 class DistillConfig:
     """Self-distillation from the dense model (pipeline/distill.py)."""
 
-    enabled: bool = False
+    enabled: bool = True  # measured better at every sparsity and scope tried (docs/BENCHMARKS.md)
     alpha: float = 0.5  # loss = (1 - alpha) * CE + alpha * T^2 * KL(teacher || student)
     temperature: float = 1.0
     teacher: str = "base"  # base: this model with adapters and masks off, same engine | a model path
     top_k: int = 0  # 0: KL over the whole vocabulary; k: over the teacher's k most likely tokens
     chunk_tokens: int = 1024  # positions per logit chunk (memory: chunk x vocabulary)
-    # Hidden-state distillation (Minitron): relative squared error of these decoder layers' outputs
-    hidden_layers: list[int] = field(default_factory=list)
-    hidden_weight: float = 0.0
 
 
 @dataclass
@@ -315,13 +312,6 @@ def _validate_distill(cfg: Config) -> list[str]:
         errs.append(f"distill.chunk_tokens={d.chunk_tokens}: must be >= 1")
     if not d.teacher:
         errs.append("distill.teacher is empty: use base (the model itself, adapters and masks off) or a model path")
-    if d.hidden_weight < 0:
-        errs.append(f"distill.hidden_weight={d.hidden_weight}: must be >= 0")
-    if d.hidden_layers and d.teacher != "base":
-        errs.append(
-            "distill.hidden_layers with distill.teacher other than base: layer outputs are compared only "
-            "against the model's own dense base; leave distill.hidden_layers empty"
-        )
     if d.enabled and "lm_head" in cfg.lora.target_modules:
         errs.append(
             "distill.enabled with lm_head in lora.target_modules: distillation projects hidden states "

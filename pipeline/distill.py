@@ -31,7 +31,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from .masks import Masks
-from .structure import decoder_layers
 
 IGNORE = -100
 
@@ -115,13 +114,6 @@ def distill_objective(
     return _FusedObjective.apply(hs, ht, y, w_s.detach(), w_t.detach(), alpha, temperature, top_k, chunk_tokens)
 
 
-def hidden_mse(h_s: torch.Tensor, h_t: torch.Tensor) -> torch.Tensor:
-    """Squared error of a layer's outputs relative to the teacher's mean squared norm (scale-free)."""
-    if h_t.numel() == 0:
-        return h_s.sum() * 0.0
-    return (h_s - h_t).float().pow(2).sum(-1).mean() / h_t.float().pow(2).sum(-1).mean().clamp_min(1e-12)
-
-
 def _gathered(weight: nn.Parameter) -> torch.Tensor:
     """A full detached copy of a (possibly ZeRO-3 partitioned) frozen parameter."""
     if hasattr(weight, "ds_id"):
@@ -131,32 +123,20 @@ def _gathered(weight: nn.Parameter) -> torch.Tensor:
 
 
 class _FinalHidden:
-    """Captures the decoder's final (normed) hidden states of a causal LM during a forward, and the
-    outputs of the decoder layers in ``taps`` (hidden-state distillation)."""
+    """Captures the decoder's final (normed) hidden states of a causal LM during a forward."""
 
-    def __init__(self, causal_lm: nn.Module, taps: list[int] | None = None) -> None:
+    def __init__(self, causal_lm: nn.Module) -> None:
         self.causal_lm = causal_lm
         self.value: torch.Tensor | None = None
-        self.tapped: dict[int, torch.Tensor] = {}
         self.active = False
         self._weight: torch.Tensor | None = None
         causal_lm.get_decoder().register_forward_hook(self._hook)
-        layers = decoder_layers(causal_lm)
-        for i in taps or []:
-            layers[i].register_forward_hook(self._tap(i))
 
     def _hook(self, _module: nn.Module, _args: Any, out: Any) -> None:
         if self.active:
             self.value = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
-    def _tap(self, i: int) -> Any:
-        def hook(_module: nn.Module, _args: Any, out: Any) -> None:
-            if self.active:
-                self.tapped[i] = out[0] if isinstance(out, tuple) else out
-
-        return hook
-
-    def run(self, forward: Any, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    def run(self, forward: Any, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         self.active = True
         try:
             # Only the last position goes through lm_head here; the chunked loss projects the rest.
@@ -164,9 +144,8 @@ class _FinalHidden:
         finally:
             self.active = False
         value, self.value = self.value, None
-        tapped, self.tapped = self.tapped, {}
         assert value is not None, "the decoder's forward hook did not fire"
-        return value, tapped
+        return value
 
     def head_weight(self) -> torch.Tensor:
         if self._weight is None:
@@ -179,7 +158,7 @@ class Distiller:
 
     def __init__(self, model: nn.Module, masks: Masks, cfg: Any, teacher: Any = None) -> None:
         self.peft, self.masks, self.cfg = model, masks, cfg
-        self.student = _FinalHidden(model.get_base_model(), list(cfg.hidden_layers))
+        self.student = _FinalHidden(model.get_base_model())
         # teacher: None = the base inside the student's engine; else (engine, its causal LM)
         self.teacher_engine = teacher[0] if teacher else None
         self.teacher = _FinalHidden(teacher[1]) if teacher else None
@@ -194,22 +173,17 @@ class Distiller:
         t0 = time.perf_counter()
         if self.teacher is None:
             with self._as_teacher():
-                h_t, taps_t = self.student.run(forward, inputs)
+                h_t = self.student.run(forward, inputs)
             w_t = None
         else:
             with torch.no_grad():
-                h_t, taps_t = self.teacher.run(self.teacher_engine, inputs)
+                h_t = self.teacher.run(self.teacher_engine, inputs)
             w_t = self.teacher.head_weight()
         teacher_s = time.perf_counter() - t0
-        h_s, taps_s = self.student.run(forward, inputs)
+        h_s = self.student.run(forward, inputs)
         c, labels = self.cfg, batch["labels"]
         w_s = self.student.head_weight()
         loss, ce, kl = distill_objective(h_s, h_t, labels, w_s, w_t, c.alpha, c.temperature, c.top_k, c.chunk_tokens)
-        if c.hidden_layers:
-            sel = labels[:, 1:] != IGNORE
-            loss = loss + c.hidden_weight * sum(
-                hidden_mse(taps_s[i][:, :-1][sel], taps_t[i][:, :-1][sel].detach()) for i in c.hidden_layers
-            ) / len(c.hidden_layers)
         return DistillLoss(loss, ce.item(), kl.item(), teacher_s)
 
 

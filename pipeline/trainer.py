@@ -29,7 +29,7 @@ from .checkpoint import (
     supersede_after,
     write_summary,
 )
-from .config import Config, ConfigError, save_config
+from .config import Config, save_config
 from .data import TrainBatches, Windows, eval_batches, load_split, n_targets
 from .distill import Distiller, load_teacher
 from .ds_config import resolve
@@ -161,12 +161,6 @@ class Trainer:
     def _check_teacher(self, base_config: Any) -> str | None:
         """distill.teacher as a model directory (None: the base itself), checked before any loading."""
         d = self.cfg.distill
-        n = base_config.num_hidden_layers
-        bad = [i for i in d.hidden_layers if not 0 <= i < n]
-        if d.enabled and bad:
-            raise ConfigError(
-                f"distill.hidden_layers={d.hidden_layers}: {bad} out of range; the model has layers 0-{n - 1}"
-            )
         if not d.enabled or d.teacher == "base":
             return None
         teacher_dir = resolve_model_dir(d.teacher, key="distill.teacher")
