@@ -25,9 +25,15 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         cfg = load_config(args.config, args.overrides)
-        from pipeline import distributed as D
-        from pipeline.trainer import RunStopped, Trainer
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    # Imported after the config check (bad input fails in seconds), outside the try so that an
+    # import error is reported as itself.
+    from pipeline import distributed as D
+    from pipeline.trainer import RunStopped, Trainer
 
+    try:
         Trainer(cfg).run()
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
