@@ -54,13 +54,15 @@ def main(argv: list[str] | None = None) -> int:
                 "seconds": round(r.seconds, 1),
                 "step_s_median": perf.get("step_s_median"),
                 "peak_memory_mb": s.get("peak_memory_mb") if s else None,
+                "step_tensor_peak_mb": perf.get("memory", {}).get("step_peak_mb"),
                 "teacher_time_share": (s.get("distill") or {}).get("teacher_time_share") if s else None,
             }
         )
     (out / "sweep.json").write_text(json.dumps(rows, indent=1))
     lines = [
-        "| run | ppl after | sparsity | step s (median) | peak MB | teacher share | overrides |",
-        "|---|---|---|---|---|---|---|",
+        "| run | ppl after | sparsity | step s (median) | step tensor peak MB | process peak MB | teacher share "
+        "| overrides |",
+        "|---|---|---|---|---|---|---|---|",
     ]
 
     def num(v: Any, fmt: str) -> str:
@@ -70,6 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         ppl = num(row["eval_ppl_after"], ".2f") if row["eval_ppl_after"] else row["status"]
         lines.append(
             f"| {row['name']} | {ppl} | {num(row['achieved_sparsity'], '.3f')} | {num(row['step_s_median'], '.3f')} "
+            f"| {num(row['step_tensor_peak_mb'], '.0f')} "
             f"| {num(row['peak_memory_mb'], '.0f')} | {num(row['teacher_time_share'], '.2f')} | `{row['overrides']}` |"
         )
     (out / "sweep.md").write_text("\n".join(lines) + "\n")

@@ -41,6 +41,7 @@ class DistillLoss:
     ce: float  # mean cross-entropy on the targets
     kl: float  # mean KL(teacher || student) at the temperature, before the T^2 factor
     teacher_s: float  # seconds in the teacher's forward
+    objective_s: float  # seconds in the chunked loss and its gradient w.r.t. the hidden states
 
 
 class _FusedObjective(torch.autograd.Function):
@@ -170,6 +171,7 @@ class Distiller:
 
     def loss(self, forward: Any, batch: dict[str, torch.Tensor]) -> DistillLoss:
         inputs = {k: v for k, v in batch.items() if k != "labels"}
+        _sync()
         t0 = time.perf_counter()
         if self.teacher is None:
             with self._as_teacher():
@@ -179,12 +181,22 @@ class Distiller:
             with torch.no_grad():
                 h_t = self.teacher.run(self.teacher_engine, inputs)
             w_t = self.teacher.head_weight()
+        _sync()
         teacher_s = time.perf_counter() - t0
         h_s = self.student.run(forward, inputs)
         c, labels = self.cfg, batch["labels"]
         w_s = self.student.head_weight()
+        _sync()
+        t1 = time.perf_counter()
         loss, ce, kl = distill_objective(h_s, h_t, labels, w_s, w_t, c.alpha, c.temperature, c.top_k, c.chunk_tokens)
-        return DistillLoss(loss, ce.item(), kl.item(), teacher_s)
+        ce_v, kl_v = ce.item(), kl.item()  # .item() waits for the device
+        return DistillLoss(loss, ce_v, kl_v, teacher_s, time.perf_counter() - t1)
+
+
+def _sync() -> None:
+    """Wait for queued GPU work, so that the wall-clock shares above are the work's (no-op on CPU)."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def load_teacher(path: str, cfg: Any, ds_config: dict[str, Any]) -> tuple[Any, nn.Module]:

@@ -47,6 +47,7 @@ def test_two_rank_losses_equal_single_process(distill_runs):
     assert s1["distill"]["train_kl_final"] > 1e-4
     assert s1["achieved_sparsity"] == pytest.approx(0.5, abs=0.03)
     assert 0 < s1["distill"]["teacher_time_share"] < 1
+    assert 0 < s1["distill"]["objective_time_share"] < 1
 
 
 def test_separate_teacher_equals_in_engine_teacher(distill_runs):
