@@ -6,7 +6,6 @@ import json
 import os
 import sys
 import types
-from importlib.machinery import ModuleSpec
 from pathlib import Path
 
 import datasets
@@ -19,7 +18,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.config import ConfigError, DataConfig, load_config
 from pipeline.data import IGNORE, DataError, Windows, build_split, load_split, n_targets
-from pipeline.evaluation import perplexity, run_lm_eval
+from pipeline.evaluation import perplexity
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
@@ -345,27 +344,6 @@ def _evaluate_tool(monkeypatch) -> types.ModuleType:
     tool = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(tool)
     return tool
-
-
-def test_lm_eval_hook(monkeypatch, capsys):
-    """Without the package: a clear message before any model loads; with it: simple_evaluate on the model."""
-    tool = _evaluate_tool(monkeypatch)
-    monkeypatch.setattr(tool, "lm_eval_available", lambda: False)
-    assert tool.main(["--model", "nowhere", "--text", "nowhere.txt", "--lm-eval-tasks", "hellaswag"]) == 2
-    assert "pip install 'lm_eval[hf]'" in capsys.readouterr().err
-
-    calls = {}
-    fake = types.ModuleType("lm_eval")
-    fake.__spec__ = ModuleSpec("lm_eval", None)
-    fake.simple_evaluate = lambda model, tasks, limit: (
-        calls.update(model=model, tasks=tasks) or {"results": {"arc_easy": {"acc,none": 0.5}}}
-    )
-    hf = types.ModuleType("lm_eval.models.huggingface")
-    hf.HFLM = lambda pretrained, tokenizer, batch_size: ("HFLM", pretrained)
-    for name, mod in (("lm_eval", fake), ("lm_eval.models", types.ModuleType("m")), (hf.__name__, hf)):
-        monkeypatch.setitem(sys.modules, name, mod)
-    assert run_lm_eval("MODEL", None, ["arc_easy"]) == {"arc_easy": {"acc,none": 0.5}}
-    assert calls == {"model": ("HFLM", "MODEL"), "tasks": ["arc_easy"]}
 
 
 def test_evaluate_tool_on_instruction_data(tmp_path: Path, make_model, monkeypatch, capsys):
