@@ -88,7 +88,7 @@ class _WandB:
     """One W&B run per output.dir (its id is kept there, so a resumed run continues it). Without
     WANDB_MODE and without a W&B login, it logs offline into output.dir/wandb (`wandb sync` uploads)."""
 
-    def __init__(self, out_dir: Path, lg: LoggingConfig, config: dict[str, Any]) -> None:
+    def __init__(self, out_dir: Path, lg: LoggingConfig, config: dict[str, Any], wandb_dir: Path | None = None) -> None:
         import wandb
         from wandb.errors import CommError, UsageError
 
@@ -97,8 +97,8 @@ class _WandB:
         run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         kwargs = dict(
             project=lg.project,
-            name=lg.run_name or out_dir.resolve().name,
-            dir=str(out_dir),
+            name=lg.run_name or (wandb_dir or out_dir).resolve().name,
+            dir=str(wandb_dir or out_dir),
             config=config,
             id=run_id,
             resume="allow",
@@ -108,7 +108,7 @@ class _WandB:
         except (UsageError, CommError) as e:
             if os.environ.get("WANDB_MODE"):
                 raise
-            info(f"wandb: {e}; logging offline to {out_dir / 'wandb'} (upload later with `wandb sync`)")
+            info(f"wandb: {e}; logging offline to {(wandb_dir or out_dir) / 'wandb'} (upload later with `wandb sync`)")
             self.run = wandb.init(**kwargs, mode="offline")
         id_file.write_text(run_id + "\n")
 
@@ -138,7 +138,10 @@ class RunLogger:
         start: int = 0,
         lg: LoggingConfig | None = None,
         config: dict[str, Any] | None = None,
+        wandb_dir: Path | None = None,
     ) -> None:
+        """``wandb_dir``: where W&B keeps its files (default ``out_dir``); a run staged in output.dir/.incoming
+        logs them to output.dir itself, since W&B keeps writing by path after the run directory moves."""
         lg = lg or LoggingConfig()
         self.backends: list[Any] = []
         self.bar = None
@@ -147,7 +150,7 @@ class RunLogger:
             if "tensorboard" in lg.report_to:
                 self.backends.append(_TensorBoard(out))
             if "wandb" in lg.report_to:
-                self.backends.append(_WandB(out, lg, config or {}))
+                self.backends.append(_WandB(out, lg, config or {}, wandb_dir))
             self.bar = tqdm(total=total_steps, initial=start, desc="prune", dynamic_ncols=True)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
