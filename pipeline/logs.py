@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import resource
 import secrets
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +66,9 @@ def _flat_numbers(d: dict[str, Any], prefix: str = "") -> dict[str, float | str]
 
 class _TensorBoard:
     def __init__(self, out_dir: Path) -> None:
+        self.open(out_dir)
+
+    def open(self, out_dir: Path) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(out_dir / "tb"))
@@ -166,6 +171,19 @@ class RunLogger:
         if self.bar is not None:
             self.bar.set_postfix(postfix, refresh=False)
             self.bar.update(1)
+
+    @contextlib.contextmanager
+    def moving(self, new_dir: Path) -> Iterator[None]:
+        """Around a move of the run directory: TensorBoard writes by path, so its event file is closed
+        before and a new one opened in ``new_dir`` after (W&B keeps its own folder, which does not move)."""
+        tbs = [b for b in self.backends if isinstance(b, _TensorBoard)]
+        for b in tbs:
+            b.close(True)
+        try:
+            yield
+        finally:
+            for b in tbs:
+                b.open(new_dir)
 
     def close(self, ok: bool = True) -> None:
         if self.bar is not None:

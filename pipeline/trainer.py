@@ -102,6 +102,7 @@ class Trainer:
         self.cfg = cfg
         ev = cfg.eval  # unknown lm-eval task names stop the run here, before start-up and loading
         self.lm_eval_tm = lm_eval_task_manager(ev.lm_eval_tasks, ev.lm_eval_include_path) if ev.lm_eval_tasks else None
+        Faults(0)  # a malformed PIPELINE_FAULTS is refused before start-up
         D.init()
         # Rank 0 holds output.dir's lock from here to exit; work is where this run writes (see rundir.py).
         self.work, self.lock = prepare_output(cfg)
@@ -129,6 +130,7 @@ class Trainer:
         self.fingerprints = run_fingerprints(self.model_dir, cfg.data)
         self.resume_from, self.resume_state = resolve_resume(cfg, D.world_size(), self.work, self.fingerprints)
         self.faults = Faults(D.rank())
+        self.faults.end_of_step(0)  # fault injection: a signal during start-up
         self.bad_steps: list[int] = []
         self.last_loss, self.scheduled = math.nan, 0.0
         seed_everything(cfg.train.seed)
@@ -299,9 +301,11 @@ class Trainer:
         scores = {k: v for k, v in self.pruner.state_dict().items() if k.startswith("scores.")}
         alive = self.rank_pruner.alive if self.rank_pruner else None
         save_run(self.model, cfg, self.masks.state_dict(), scores, summary, alive, self.model_dir, out)
-        if D.is_main():  # replacing a finished run (output.overwrite): only now does it move aside
-            promote(out, Path(cfg.output.dir))
-        D.barrier()
+        if out != Path(cfg.output.dir):  # replacing a finished run (output.overwrite): only now does it move aside
+            with log.moving(Path(cfg.output.dir)):
+                if D.is_main():
+                    promote(out, Path(cfg.output.dir))
+            D.barrier()
         info(f"wrote {cfg.output.dir}")
         ok = False
         try:
