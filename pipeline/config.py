@@ -237,7 +237,7 @@ def _validate(cfg: Config, check_environment: bool = True) -> list[str]:
         errs.append(f"pruning.target_sparsity={p.target_sparsity}: must be in [0, 1) (0.5 removes half)")
     if not 0.0 < p.max_layer_sparsity < 1.0:
         errs.append(f"pruning.max_layer_sparsity={p.max_layer_sparsity}: must be in (0, 1)")
-    elif p.scope == "global" and p.target_sparsity > p.max_layer_sparsity:
+    elif p.scope == "global" and p.max_layer_sparsity < p.target_sparsity < 1.0:
         errs.append(
             f"pruning.target_sparsity={p.target_sparsity} exceeds pruning.max_layer_sparsity="
             f"{p.max_layer_sparsity}: raise pruning.max_layer_sparsity"

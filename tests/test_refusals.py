@@ -5,14 +5,20 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import DEMO_VALID, ROOT
+import torch
+from conftest import DEMO_VALID, ROOT, write_config
+from transformers import AutoConfig
 
+from pipeline.config import ConfigError, PruningConfig, config_from_dict
 from pipeline.model_source import ModelError, check_model_dir
+from pipeline.pruner import check_reachable
+from pipeline.structure import structure_from_config
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -80,3 +86,88 @@ def test_remote_code_only_when_the_model_has_it(make_model, tmp_path, evaluate_t
     conf["auto_map"] = {"AutoModelForCausalLM": "modeling_pruned.PrunedForCausalLM"}
     (custom / "config.json").write_text(json.dumps(conf))
     assert evaluate_tool.needs_remote_code(custom)
+
+
+@pytest.fixture
+def restore_env():
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def test_run_refuses_before_loading(make_model, tmp_path, restore_env, capsys):
+    """Each case stops with exit 2 and its message; none reaches weight loading or writes output.dir."""
+    from pipeline.run import main
+
+    model = make_model("llama")
+    d = tmp_path / "inputs"
+    d.mkdir()
+    (d / "list.json").write_text("[1, 2]")
+    (d / "zero2.json").write_text('{"zero_optimization": {"stage": 2}}')
+    (d / "afile").write_text("x")
+    trunc = _copy(model, d / "trunc")
+    (trunc / "model.safetensors").write_bytes((trunc / "model.safetensors").read_bytes()[:5000])
+    badconf = _copy(model, d / "badconf")
+    (badconf / "config.json").write_text("{not json")
+    out = tmp_path / "out"
+    cases = [
+        (f"model.path={trunc}", "model.safetensors is truncated"),
+        (f"model.path={badconf}", "config.json is not valid JSON"),
+        ("model.dtype=fp16", "model.dtype=fp16 without a GPU"),
+        (f"deepspeed.config={d / 'list.json'}", "the top level is a JSON list"),
+        (f"deepspeed.config={d / 'zero2.json'}", "zero_optimization.stage=2: the pipeline runs on ZeRO-3 only"),
+        (f"output.dir={d / 'afile'}", "is a file; choose a directory"),
+        (f"output.dir={d / 'afile' / 'run'}", "which is a file"),
+        ("output.dir=", "output.dir is empty"),
+        (f"data.cache_dir={d / 'afile'}", "is a file, not a directory"),
+        ("lora.target_modules=lm_head", "pruning.criterion=lora needs LoRA on at least one of q_proj"),
+        ("pruning.target_sparsity=0.99 pruning.max_layer_sparsity=0.995", "cannot be reached on this model"),
+    ]
+    for override, message in cases:
+        cfg = write_config(tmp_path / "c.yaml", model, out)
+        assert main(["--config", str(cfg), *override.split()]) == 2, override
+        err = capsys.readouterr().err
+        assert message in err, (override, err[-2000:])
+        assert "Loading weights" not in err and not out.exists(), override
+    # The same target with caps that allow it is accepted at load (it fails later only for other reasons).
+    with pytest.raises(ConfigError, match="cannot be reached"):
+        check_reachable(structure_from_config(AutoConfig.from_pretrained(model)), PruningConfig(target_sparsity=0.95))
+    check_reachable(structure_from_config(AutoConfig.from_pretrained(model)), PruningConfig(target_sparsity=0.85))
+
+
+def test_target_sparsity_one_does_not_suggest_raising_the_cap():
+    with pytest.raises(ConfigError) as e:
+        config_from_dict({"model": {"path": "m"}, "data": {"train": "t"}, "pruning": {"target_sparsity": 1.0}})
+    assert "must be in [0, 1)" in str(e.value) and "raise pruning.max_layer_sparsity" not in str(e.value)
+
+
+def test_jsonl_error_names_the_1_based_line(tmp_path):
+    from pipeline.data import DataError, _read
+
+    f = tmp_path / "d.jsonl"
+    f.write_text('{"text": "a"}\n' * 150 + "{broken\n" + '{"text": "b"}\n')
+    with pytest.raises(DataError, match=r"d.jsonl: line 151: not valid JSON"):
+        _read(str(f), "data.train")
+
+
+def test_corrupt_cache_entry_is_rebuilt(make_model, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    from pipeline.data import _cache_key, _cache_path, source_windows, tokenizer_fingerprint
+
+    tok = AutoTokenizer.from_pretrained(make_model("llama"))
+    cfg = config_from_dict(
+        {"model": {"path": "m"}, "data": {"train": str(DEMO_VALID), "seq_len": 32, "cache_dir": str(tmp_path / "c")}}
+    ).data
+    src = cfg.sources("train")[0]
+    fp = tokenizer_fingerprint(tok)
+    first, hit = source_windows(src, cfg, 32, tok, fp)
+    assert not hit
+    entry = _cache_path(cfg, _cache_key(src, cfg, 32, fp)) / "windows.npz"
+    entry.write_bytes(entry.read_bytes()[:100])
+    again, hit = source_windows(src, cfg, 32, tok, fp)
+    assert not hit and torch.equal(again.input_ids, first.input_ids)
+    err = capsys.readouterr().err
+    assert "unreadable" in err and "rebuilding it" in err
+    assert source_windows(src, cfg, 32, tok, fp)[1]  # stored again: a hit
