@@ -299,6 +299,12 @@ def resolve_resume(
         raise CheckpointError(err)
     if path is None:
         existing = step_dirs(out / CHECKPOINTS)
+        if existing and not finished and not cfg.output.overwrite and cfg.train.resume == "auto":
+            raise CheckpointError(
+                f"output.dir={out}: none of its {len(existing)} checkpoint(s) is complete (see the warnings above: "
+                "truncated, corrupt or unfinished); point train.resume at a good copy of one, or start over with "
+                "train.resume=none output.overwrite=true (they move to checkpoints.replaced.N, not deleted)"
+            )
         if existing and not finished and not cfg.output.overwrite:
             raise CheckpointError(
                 f"output.dir={out} holds checkpoints of an unfinished run (newest: {existing[0].name}) and "

@@ -48,7 +48,7 @@ from .pruner import Pruner, check_lora_coverage, check_reachable
 from .rank_pruning import RankPruner
 from .rundir import OutputLock, prepare_output, promote
 from .stops import AFTER_LOOP, EXIT_PREEMPTED, STOP_SIGNALS, RunStopped, stop_outside_the_loop
-from .structure import discover, structure_from_config
+from .structure import check_layout, discover, structure_from_config
 
 EXIT_BAD_STEPS = 3
 
@@ -125,6 +125,7 @@ class Trainer:
         self.model_dir = resolve_model_dir(cfg.model.path)
         base_config = model_config(self.model_dir)
         check_reachable(structure_from_config(base_config, cfg.pruning.head_unit), cfg.pruning)
+        check_layout(base_config)
         check_lora_coverage(cfg.pruning.criterion, {m.rsplit(".", 1)[-1] for m in cfg.lora.target_modules})
         self.teacher_dir = self._check_teacher(base_config)
         self.ds_config = resolve(cfg, D.world_size())

@@ -171,3 +171,55 @@ def test_corrupt_cache_entry_is_rebuilt(make_model, tmp_path, capsys):
     err = capsys.readouterr().err
     assert "unreadable" in err and "rebuilding it" in err
     assert source_windows(src, cfg, 32, tok, fp)[1]  # stored again: a hit
+
+
+def test_bert_and_every_checkpoint_corrupt_get_accurate_messages(make_model, tmp_path, restore_env, capsys):
+    from test_resume import _fake_checkpoint
+    from transformers import BertConfig, BertLMHeadModel
+
+    from pipeline.run import main
+
+    model = make_model("llama")
+    bert = tmp_path / "bert"
+    conf = BertConfig(num_hidden_layers=1, hidden_size=32, num_attention_heads=2, intermediate_size=64, is_decoder=True)
+    BertLMHeadModel(conf).save_pretrained(bert)
+    cfg = write_config(tmp_path / "b.yaml", bert, tmp_path / "bout")
+    assert main(["--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "BertLMHeadModel: no model.layers" in err and "modules include []" not in err
+
+    out = tmp_path / "broken"
+    for step in (2, 4):
+        (_fake_checkpoint(out / "checkpoints", step) / "manifest.json").unlink()
+    cfg = write_config(tmp_path / "c.yaml", model, out)
+    assert main(["--config", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "none of its 2 checkpoint(s) is complete" in err and "resume it with train.resume=auto" not in err
+
+
+def test_compact_base_truncated_or_other_weights_is_refused(make_model, tmp_path):
+    """--base: a truncated file is refused by its header; a same-shape model with other weights by the
+    fingerprint the run recorded in summary.json."""
+    from safetensors.torch import load_file, save_file
+    from test_compact import make_run
+
+    from pipeline.export import ExportError, load_run
+    from pipeline.fingerprint import model_fingerprint
+
+    model = make_model("llama")
+    run = make_run(tmp_path, model, "uniform_kv")
+    summary = json.loads((run / "summary.json").read_text())
+    (run / "summary.json").write_text(json.dumps({**summary, "fingerprints": {"base": model_fingerprint(model)}}))
+    assert load_run(run).base_dir == model  # the recorded base itself: accepted
+
+    other = _copy(model, tmp_path / "other")
+    w = load_file(other / "model.safetensors")
+    w = {k: v * 1.01 for k, v in w.items()}  # same names, shapes, dtypes
+    save_file(w, other / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ExportError, match="not the base model the run was trained on .*same size, different"):
+        load_run(run, other)
+
+    trunc = _copy(model, tmp_path / "trunc")
+    (trunc / "model.safetensors").write_bytes((trunc / "model.safetensors").read_bytes()[:3000])
+    with pytest.raises(ExportError, match=r"base model \(--base\): .*model.safetensors is truncated"):
+        load_run(run, trunc)
