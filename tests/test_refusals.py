@@ -223,3 +223,20 @@ def test_compact_base_truncated_or_other_weights_is_refused(make_model, tmp_path
     (trunc / "model.safetensors").write_bytes((trunc / "model.safetensors").read_bytes()[:3000])
     with pytest.raises(ExportError, match=r"base model \(--base\): .*model.safetensors is truncated"):
         load_run(run, trunc)
+
+
+def test_plan_refuses_nonsense_instead_of_a_verdict(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    spec = importlib.util.spec_from_file_location("plan_tool17", ROOT / "tools" / "plan.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    (tmp_path / "list.json").write_text("[3]")
+    for argv, message in (
+        (["--link-gbps", "0"], "link_gbps=0.0: must be a finite number > 0"),
+        (["--ds-config", str(tmp_path / "list.json")], "expected a JSON object with a zero_optimization object"),
+        (["--gpu-mem-gb", "-1"], "gpu_mem_gb=-1.0: must be a finite number > 0"),
+        (["--gpu-mem-gb", "nan"], "gpu_mem_gb=nan: must be a finite number > 0"),
+    ):
+        assert tool.main(["--model", "llama2-7b", *argv]) == 2, argv
+        captured = capsys.readouterr()
+        assert message in captured.err and "DOES NOT FIT" not in captured.out, argv
