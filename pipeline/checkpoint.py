@@ -309,7 +309,7 @@ def resolve_resume(
             raise CheckpointError(
                 f"output.dir={out} holds checkpoints of an unfinished run (newest: {existing[0].name}) and "
                 f"train.resume={cfg.train.resume}; resume it with train.resume=auto, start over with "
-                "output.overwrite=true (its checkpoints move to checkpoints.replaced/), or use another output.dir"
+                "output.overwrite=true (its checkpoints move to checkpoints.replaced.N/), or use another output.dir"
             )
         return None, None
     return Path(path), check_resumable(Path(path), cfg, world, fingerprints)
