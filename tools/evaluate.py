@@ -9,7 +9,8 @@ python tools/evaluate.py --text ../shared/data/vimdoc/valid.txt --model DENSE_DI
 The first --model is the reference for the speed ratio. Tokenized with the first model's tokenizer,
 into the windows training's data.eval gives (same format detection and prompt masking), so the
 perplexity of a compact model is comparable with the run's eval_ppl_after. Models with their own
-modeling code (per-layer widths, an auto_map in config.json) load with trust_remote_code; no other does. --lm-eval-tasks also runs those
+modeling code (per-layer widths, an auto_map in config.json) load with trust_remote_code; no other does.
+--lm-eval-tasks also runs those
 lm-evaluation-harness tasks on every model and prints them side by side (needs `pip install -e '.[eval]'`
 and the tasks' data; --lm-eval-include-path adds a folder of task YAMLs of your own). --strided also
 prints the wikitext-style perplexity of the whole --text file (pipeline/evaluation.strided_perplexity:
