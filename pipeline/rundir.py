@@ -155,6 +155,9 @@ def prepare_output(cfg: Config) -> tuple[Path, OutputLock | None]:
         try:
             check_output_dir(cfg)
             lock = OutputLock.acquire(out)
+            if (out / INCOMING / SUMMARY).exists():  # a replacing run finished but was killed before its move
+                info(f"{out / INCOMING} holds a finished run that was to replace {out}; completing that first")
+                promote(out / INCOMING, out)
             work = out / INCOMING if (out / SUMMARY).exists() else out
             if work != out:
                 info(f"output.overwrite: {out} holds a finished run; it stays whole until this run finishes in {work}")

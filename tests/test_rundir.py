@@ -166,6 +166,24 @@ def test_promote_moves_the_earlier_run_whole(tmp_path):
     assert (out / "notes.md").read_text() == "the user's own"
 
 
+def test_a_finished_but_unmoved_replacement_is_completed_first(tmp_path):
+    from pipeline.rundir import prepare_output
+
+    out = tmp_path / "out"
+    (out / ".incoming").mkdir(parents=True)
+    (out / "summary.json").write_text("first")
+    (out / ".incoming" / "summary.json").write_text("second")  # killed between its summary and the move
+    cfg = config_from_dict(
+        {"model": {"path": "m"}, "data": {"train": "t"}, "output": {"dir": str(out), "overwrite": True}}
+    )
+    work, lock = prepare_output(cfg)
+    lock.release()
+    assert (out / "summary.json").read_text() == "second" and (
+        out / "replaced.1" / "summary.json"
+    ).read_text() == "first"
+    assert work == out / ".incoming"
+
+
 # ---------------------------------------------------------------------------------- compact staging
 
 
