@@ -379,3 +379,15 @@ def test_compact_killed_by_sigterm_leaves_no_staging(make_model, tmp_path):
     )
     assert proc.returncode == 143 and "SIGTERM: stopped; nothing was published" in proc.stderr, proc.stderr[-3000:]
     assert not out.exists() and not list(tmp_path.glob(".compact.*"))
+
+
+@pytest.mark.distributed
+def test_chaos_walk_runs(tmp_path):
+    """tools/chaos.py itself (its quick cases; the whole walk takes minutes): it lists every case and passes."""
+    from conftest import ROOT
+
+    tool = [sys.executable, str(ROOT / "tools" / "chaos.py")]
+    listed = subprocess.run([*tool, "--list"], capture_output=True, text=True, check=True).stdout.split()
+    assert len(listed) >= 20 and "c13_torn_log_line" in listed
+    proc = subprocess.run([*tool, "--only", "c1"], capture_output=True, text=True, timeout=900)  # c10-c19
+    assert proc.returncode == 0 and "cases passed" in proc.stdout, proc.stdout[-3000:] + proc.stderr[-2000:]
