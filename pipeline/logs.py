@@ -127,7 +127,8 @@ class _WandB:
         if widths_png is not None and widths_png.is_file():
             extra["kept_widths_plot"] = self.wandb.Image(str(widths_png))
         self.run.log(extra, step=step)
-        self.run.summary.update(_flat_numbers(summary))
+        # Input fingerprints are file hashes, for resume and compact, not run figures.
+        self.run.summary.update(_flat_numbers({k: v for k, v in summary.items() if k != "fingerprints"}))
 
     def close(self, ok: bool) -> None:
         self.run.finish(exit_code=0 if ok else 1)
