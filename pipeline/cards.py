@@ -216,6 +216,6 @@ python tools/compact.py --run {cfg.output.dir} --out COMPACT_DIR
 
 {table}
 
-Per-layer kept heads and channels are in `../summary.json`; the full training config in `../config.yaml`.
+Per-layer kept heads and channels are in `../summary.json`; the full training config in `../resolved_config.yaml`.
 """
     return card(data, body)

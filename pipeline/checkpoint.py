@@ -6,7 +6,8 @@
   widths.png          kept heads and channels per layer
   masks.safetensors   heads [layers, num_attention_heads], channels [layers, intermediate]; 1 = kept
   scores.safetensors  smoothed unit scores (heads [layers, head_units], channels [layers, intermediate])
-  config.yaml         the resolved run config
+  resolved_config.yaml  the resolved run config (a name no input config is expected to have)
+  train_log.jsonl     one row per logged step
   summary.json        per-layer kept heads/channels, target and achieved sparsity, losses, perplexity
   tb/                 TensorBoard logs
 Files are written under a temporary name and renamed, so a crash never leaves a half file under
@@ -41,10 +42,29 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from . import distributed as D
+from .bench_report import WIDTHS_PNG
 from .config import Config, InputError, save_config
 from .logs import WANDB_ID, info
 
+SUMMARY = "summary.json"  # written last: a run directory with it is a finished run
+RUN_CONFIG = "resolved_config.yaml"
+LEGACY_RUN_CONFIG = "config.yaml"  # what runs before resolved_config.yaml called it
+TRAIN_LOG = "train_log.jsonl"  # rank 0: one row per logged step (loss, lr, sparsity)
 CHECKPOINTS = "checkpoints"
+ADAPTER = "adapter"
+# What a run writes at the top of output.dir (wandb/ is shared by every W&B run logged there).
+RUN_FILES = (
+    SUMMARY,
+    RUN_CONFIG,
+    ADAPTER,
+    "masks.safetensors",
+    "scores.safetensors",
+    WIDTHS_PNG,
+    TRAIN_LOG,
+    "tb",
+    CHECKPOINTS,
+    WANDB_ID,
+)
 LATEST = "latest"
 MANIFEST = "manifest.json"
 STATE = "state.json"
@@ -85,16 +105,6 @@ class CheckpointError(InputError):
     pass
 
 
-def check_output_dir(cfg: Config) -> None:
-    """Refuse to write over a finished run unless asked to."""
-    done = Path(cfg.output.dir) / "summary.json"
-    if done.exists() and not cfg.output.overwrite:
-        raise OutputError(
-            f"output.dir={cfg.output.dir} already holds a finished run ({done}); choose another "
-            "output.dir or set output.overwrite=true"
-        )
-
-
 # ---------------------------------------------------------------------------------------------
 # Training checkpoints
 
@@ -116,6 +126,23 @@ def step_dirs(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: _step_of(p) or 0, reverse=True)
 
 
+def finite_json(obj: Any) -> Any:
+    """``obj`` with NaN and infinities as None: JSON has no NaN (``json.dumps`` writes a bare ``NaN``
+    that strict parsers such as JavaScript's ``JSON.parse`` reject)."""
+    if isinstance(obj, float):
+        return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any, indent: int | None = None) -> str:
+    """Strict JSON (non-finite numbers as null) for every JSON file the pipeline writes."""
+    return json.dumps(finite_json(obj), indent=indent, allow_nan=False)
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
@@ -130,7 +157,7 @@ def _files(ckpt: Path) -> list[Path]:
 
 def write_manifest(ckpt: Path) -> None:
     files = {str(p.relative_to(ckpt)): {"size": p.stat().st_size, "sha256": _sha256(p)} for p in _files(ckpt)}
-    _atomic(ckpt / MANIFEST, lambda p: p.write_text(json.dumps({"files": files}, indent=1)))
+    _atomic(ckpt / MANIFEST, lambda p: p.write_text(dumps({"files": files}, indent=1)))
 
 
 def verify(ckpt: Path) -> str | None:
@@ -156,14 +183,13 @@ def verify(ckpt: Path) -> str | None:
 
 
 def _candidates(root: Path) -> list[Path]:
-    """The ``latest`` pointer's target first, then every step directory, newest first."""
-    out = []
+    """Every step directory, newest first. ``latest`` is for people and tools; it does not decide, since a
+    stale one (an older step, restored from a backup, edited) would set newer complete checkpoints aside."""
+    found = step_dirs(root)
     pointer = root / LATEST
-    if pointer.is_file():
-        target = root / pointer.read_text().strip()
-        if _step_of(target) is not None and target.is_dir():
-            out.append(target)
-    return out + [p for p in step_dirs(root) if p not in out]
+    if pointer.is_file() and found and pointer.read_text().strip() != found[0].name:
+        info(f"warning: {pointer} names {pointer.read_text().strip()!r}, not the newest {found[0].name}; ignoring it")
+    return found
 
 
 def find_checkpoint(where: Path, explicit: bool) -> Path | None:
@@ -204,10 +230,20 @@ def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def check_resumable(ckpt: Path, cfg: Config, world: int) -> dict[str, Any]:
-    """The checkpoint's state, after checking this run can continue it exactly."""
+def check_resumable(ckpt: Path, cfg: Config, world: int, fingerprints: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The checkpoint's state, after checking this run can continue it exactly: same world size, same
+    config (but RESUMABLE_CHANGES), and the same base model and data files (``fingerprints``)."""
+    from .fingerprint import compare
+
     state = read_state(ckpt)
     problems = []
+    if fingerprints is not None and state.get("fingerprints") is not None:
+        changed = compare(state["fingerprints"], fingerprints)
+        if changed:
+            problems.append(
+                "its inputs changed since it was written (" + "; ".join(changed) + "): restore the original "
+                "files to resume; the run so far was trained on them"
+            )
     if state["world_size"] != world:
         problems.append(
             f"it was written by {state['world_size']} ranks; this run has {world}. Data order, ZeRO-3 partitions "
@@ -235,13 +271,16 @@ def check_resumable(ckpt: Path, cfg: Config, world: int) -> dict[str, Any]:
     return state
 
 
-def resolve_resume(cfg: Config, world: int) -> tuple[Path | None, dict[str, Any] | None]:
+def resolve_resume(
+    cfg: Config, world: int, out: Path | None = None, fingerprints: dict[str, Any] | None = None
+) -> tuple[Path | None, dict[str, Any] | None]:
     """Which checkpoint this run continues (the same on every rank; rank 0 reads the disk), and its state.
 
-    Called before any heavy work, so a wrong world size or config stops the run at once.
+    ``out``: the directory this run writes to (default output.dir). Called before any heavy work, so a
+    wrong world size, config or changed input file stops the run at once.
     """
-    out = Path(cfg.output.dir)
-    finished = (out / "summary.json").exists()  # only reached with output.overwrite=true
+    out = Path(cfg.output.dir) if out is None else out
+    finished = (out / SUMMARY).exists()  # only reached with output.overwrite=true
     choice: tuple[str | None, str | None] = (None, None)
     if D.is_main():
         try:
@@ -260,27 +299,35 @@ def resolve_resume(cfg: Config, world: int) -> tuple[Path | None, dict[str, Any]
         raise CheckpointError(err)
     if path is None:
         existing = step_dirs(out / CHECKPOINTS)
+        if existing and not finished and not cfg.output.overwrite and cfg.train.resume == "auto":
+            raise CheckpointError(
+                f"output.dir={out}: none of its {len(existing)} checkpoint(s) is complete (see the warnings above: "
+                "truncated, corrupt or unfinished); point train.resume at a good copy of one, or start over with "
+                "train.resume=none output.overwrite=true (they move to checkpoints.replaced.N, not deleted)"
+            )
         if existing and not finished and not cfg.output.overwrite:
             raise CheckpointError(
                 f"output.dir={out} holds checkpoints of an unfinished run (newest: {existing[0].name}) and "
                 f"train.resume={cfg.train.resume}; resume it with train.resume=auto, start over with "
-                "output.overwrite=true (its checkpoints move to checkpoints.replaced/), or use another output.dir"
+                "output.overwrite=true (its checkpoints move to checkpoints.replaced.N/), or use another output.dir"
             )
         return None, None
-    return Path(path), check_resumable(Path(path), cfg, world)
+    return Path(path), check_resumable(Path(path), cfg, world, fingerprints)
 
 
 def start_fresh(out: Path) -> None:
     """Rank 0, before the first step of a run that does not resume: an earlier run's checkpoints and
-    summary (only here with output.overwrite=true) move aside, so a later train.resume=auto finds this run's."""
+    summary (only here with output.overwrite=true) move aside, so a later train.resume=auto finds this run's.
+    Nothing is deleted: each earlier set gets its own name (checkpoints.replaced.1, .2, ...)."""
+    from .rundir import free_name
+
     root = out / CHECKPOINTS
     if root.exists():
-        aside = out / f"{CHECKPOINTS}.replaced"
-        shutil.rmtree(aside, ignore_errors=True)
+        aside = free_name(out, f"{CHECKPOINTS}.replaced")
         os.replace(root, aside)
-        info(f"output.overwrite: the earlier run's checkpoints are now in {aside}")
-    if (out / "summary.json").exists():
-        os.replace(out / "summary.json", out / "summary.replaced.json")
+        info(f"output.overwrite: the earlier run's checkpoints are now in {aside} (delete it when no longer needed)")
+    if (out / SUMMARY).exists():
+        os.replace(out / SUMMARY, free_name(out, "summary.replaced.json"))
     (out / WANDB_ID).unlink(missing_ok=True)  # a new run is a new W&B run; a resumed one keeps the id
 
 
@@ -329,7 +376,7 @@ def save_checkpoint(
     torch.save(rng_state(), partial / "rng" / f"rank-{D.rank():05d}.pt")
     if D.is_main():
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(partial / TENSORS))
-        (partial / STATE).write_text(json.dumps(state, indent=1))
+        (partial / STATE).write_text(dumps(state, indent=1))
     D.barrier()  # every rank's files are on disk
     if D.is_main():
         write_manifest(partial)
@@ -406,8 +453,10 @@ def save_run(
     summary: dict[str, Any],
     alive: dict[str, torch.Tensor] | None = None,
     model_dir: Path | None = None,
+    out: Path | None = None,
 ) -> None:
-    out = Path(cfg.output.dir)
+    """Every rank; ``out``: the directory this run writes to (default output.dir)."""
+    out = Path(cfg.output.dir) if out is None else out
     save_adapter(model, out, alive)
     if D.is_main():
         if model_dir is not None:  # replaces PEFT's empty template
@@ -418,11 +467,11 @@ def save_run(
         _atomic(
             out / "scores.safetensors", lambda p: save_file({k: v.contiguous() for k, v in scores_sd.items()}, str(p))
         )
-        _atomic(out / "config.yaml", lambda p: save_config(cfg, p))
+        _atomic(out / RUN_CONFIG, lambda p: save_config(cfg, p))
         write_summary(out, summary)
     D.barrier()
 
 
 def write_summary(out: Path, summary: dict[str, Any]) -> None:
     """summary.json, the file that marks a run finished (rank 0)."""
-    _atomic(out / "summary.json", lambda p: p.write_text(json.dumps(summary, indent=2)))
+    _atomic(out / SUMMARY, lambda p: p.write_text(dumps(summary, indent=2)))

@@ -226,13 +226,15 @@ def _validate(cfg: Config, check_environment: bool = True) -> list[str]:
             errs.append(f"{key}={value!r}: must be one of {', '.join(choices)}")
     if not cfg.model.path:
         errs.append("model.path is empty: set it to a local Hugging Face model directory")
+    if not str(cfg.output.dir).strip():
+        errs.append("output.dir is empty: set it to the run's directory, e.g. output.dir=runs/my-run")
     errs += _validate_data(cfg.data)
     p = cfg.pruning
     if not 0.0 <= p.target_sparsity < 1.0:
         errs.append(f"pruning.target_sparsity={p.target_sparsity}: must be in [0, 1) (0.5 removes half)")
     if not 0.0 < p.max_layer_sparsity < 1.0:
         errs.append(f"pruning.max_layer_sparsity={p.max_layer_sparsity}: must be in (0, 1)")
-    elif p.scope == "global" and p.target_sparsity > p.max_layer_sparsity:
+    elif p.scope == "global" and p.max_layer_sparsity < p.target_sparsity < 1.0:
         errs.append(
             f"pruning.target_sparsity={p.target_sparsity} exceeds pruning.max_layer_sparsity="
             f"{p.max_layer_sparsity}: raise pruning.max_layer_sparsity"
@@ -470,6 +472,8 @@ def config_from_dict(data: dict[str, Any], source: str = "config", check_environ
     cfg = Config()
     errs: list[str] = []
     _apply(cfg, data, "", errs)
+    if isinstance(cfg.output.dir, str) and cfg.output.dir.startswith("~"):  # not a literal ./~ folder
+        cfg.output.dir = str(Path(cfg.output.dir).expanduser())
     if not errs:
         errs = _validate(cfg, check_environment)
     if errs:
@@ -483,6 +487,8 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     if path is not None:
         path = Path(path)
         source = str(path)
+        if path.is_dir():
+            raise ConfigError(f"--config {path} is a directory; pass the YAML file (e.g. {path}/config.yaml)")
         if not path.is_file():
             raise ConfigError(f"config file {path} does not exist")
         try:

@@ -153,8 +153,26 @@ def _read(path: str, key: str) -> tuple[datasets.Dataset, bool]:
     except (datasets.exceptions.DatasetGenerationError, ValueError) as e:
         cause = e.__cause__ or e
         kind = "text" if text else _READERS[suffix]
+        bad = _bad_json_line(p) if suffix == ".jsonl" else None
+        if bad:  # pyarrow counts rows from 0 and loses the file; the 1-based line is what an editor shows
+            raise DataError(f"{key}={path}: {bad}; fix or remove that line") from None
         raise DataError(f"{key}={path}: cannot be read as {kind}: {cause}") from e
     return _nonempty(ds, key, path), text
+
+
+def _bad_json_line(p: Path) -> str | None:
+    """The first line of a JSON-lines file that is not one JSON object, as ``line N (1-based): why``."""
+    with p.open(encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except ValueError as e:
+                return f"line {n}: not valid JSON ({e.args[0] if e.args else e})"
+            if not isinstance(obj, dict):
+                return f"line {n}: a JSON {type(obj).__name__}, not an object of fields"
+    return None
 
 
 def _check_utf8(p: Path, key: str) -> None:
@@ -449,14 +467,27 @@ def _cache_path(cfg: DataConfig, key: dict[str, Any]) -> Path | None:
     if cfg.cache_dir == "none":
         return None
     root = Path(cfg.cache_dir).expanduser() if cfg.cache_dir else default_cache_dir()
+    for p in (root, *root.parents):  # before tokenizing, not when the entry is stored after it
+        if p.exists():
+            if not p.is_dir():
+                raise DataError(
+                    f"data.cache_dir={cfg.cache_dir or root}: {p} is a file, not a directory; point data.cache_dir "
+                    "at a directory, or set data.cache_dir=none"
+                )
+            break
     return root / hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
 
 
 def _load_cached(path: Path | None) -> Windows | None:
     if path is None or not (path / "windows.npz").is_file():
         return None
-    with np.load(path / "windows.npz") as z:
-        return Windows(**{k: torch.from_numpy(z[k]) for k in z.files})
+    try:
+        with np.load(path / "windows.npz") as z:
+            return Windows(**{k: torch.from_numpy(z[k]) for k in z.files})
+    except Exception as e:  # truncated or overwritten (zip, pickle or shape errors): tokenize again
+        info(f"warning: tokenization cache entry {path} is unreadable ({type(e).__name__}: {e}); rebuilding it")
+        shutil.rmtree(path, ignore_errors=True)
+        return None
 
 
 def _store(path: Path | None, w: Windows, key: dict[str, Any], stats: dict[str, Any]) -> None:

@@ -44,8 +44,21 @@ def resolve(cfg: Config, world_size: int) -> dict[str, Any]:
         d = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise DeepSpeedConfigError(f"deepspeed.config={path}: not valid JSON: {e}") from e
+    if not isinstance(d, dict):
+        raise DeepSpeedConfigError(
+            f"deepspeed.config={path}: the top level is a JSON {type(d).__name__}, not an object of DeepSpeed "
+            "settings; start from ds_configs/zero3_cpu.json"
+        )
     errs: list[str] = []
     where = str(path)
+    zero = d.get("zero_optimization", {})
+    stage = zero.get("stage", 0) if isinstance(zero, dict) else None
+    if stage != 3:
+        errs.append(
+            f"{where}: zero_optimization.stage={stage}: the pipeline runs on ZeRO-3 only (its gathers, partitioned "
+            'base and checkpoints assume it); set "zero_optimization": {"stage": 3, ...}'
+        )
+        zero = zero if isinstance(zero, dict) else {}
     t = cfg.train
     _set(d, "train_micro_batch_size_per_gpu", t.micro_batch_size, "train.micro_batch_size", errs, where)
     _set(d, "gradient_accumulation_steps", t.grad_accum, "train.grad_accum", errs, where)
@@ -59,6 +72,11 @@ def resolve(cfg: Config, world_size: int) -> dict[str, Any]:
     )
     _set(d, "gradient_clipping", t.max_grad_norm, "train.max_grad_norm", errs, where)
     dtype = resolve_dtype(cfg.model.dtype)
+    if dtype == torch.float16 and not torch.cuda.is_available():
+        errs.append(
+            "model.dtype=fp16 without a GPU: DeepSpeed's fp16 loss scaling runs on GPUs only; use "
+            "model.dtype=fp32 or bf16 (or auto) on CPU"
+        )
     for section, dt in (("bf16", torch.bfloat16), ("fp16", torch.float16)):
         sec = d.setdefault(section, {"enabled": "auto"})
         _set(sec, "enabled", dtype == dt, f"model.dtype ({cfg.model.dtype})", errs, f"{where} {section}")
@@ -69,7 +87,6 @@ def resolve(cfg: Config, world_size: int) -> dict[str, Any]:
         _set(params, "weight_decay", t.weight_decay, "train.weight_decay", errs, f"{where} optimizer.params")
     if "scheduler" in d:
         errs.append(f"{where}: remove the scheduler section; the pipeline sets the LR schedule from train.*")
-    zero = d.get("zero_optimization", {})
     if cfg.model.quantization == "nf4" and zero.get("stage", 0) == 3 and zero.get("offload_param"):
         errs.append(f"{where}: zero_optimization.offload_param does not support 4-bit base weights; remove it")
     left: list[str] = []

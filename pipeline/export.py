@@ -38,10 +38,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from . import modeling_pruned
 from .cards import TAGS, base_license, base_model_id, card, eval_results, lm_eval_table
+from .checkpoint import LEGACY_RUN_CONFIG, RUN_CONFIG
 from .config import Config, InputError, config_from_dict
+from .fingerprint import compare, model_fingerprint
 from .masks import Masks
 from .model_loading import resolve_dtype
 from .model_source import ModelError, resolve_model_dir, source_record
+from .rundir import check_replaceable, clean_stale_staging, staging_dir, terminate_as_exception
 from .structure import Structure, decoder_layers, layer_modules, structure_from_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -206,7 +209,7 @@ def _run_config(path: Path) -> tuple[Config, list[str]]:
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ExportError(f"{path}: not valid YAML ({e}); restore the run's config.yaml") from e
+        raise ExportError(f"{path}: not valid YAML ({e}); restore the run's {path.name}") from e
     known = Config().to_dict()
     clean: dict[str, dict[str, Any]] = {}
     ignored: list[str] = []
@@ -227,14 +230,17 @@ def load_run(run_dir: str | Path, base: str | Path | None = None) -> Run:
     summary = _read_json(
         run_dir / "summary.json", "the run has not finished (summary.json is written last); wait for it or rerun"
     )
-    if not (run_dir / "config.yaml").is_file():
-        raise ExportError(f"{run_dir / 'config.yaml'} is missing: the run directory is incomplete; rerun training")
-    cfg, ignored = _run_config(run_dir / "config.yaml")
+    cfg_path = run_dir / RUN_CONFIG
+    if not cfg_path.is_file() and (run_dir / LEGACY_RUN_CONFIG).is_file():  # a run written before the rename
+        cfg_path = run_dir / LEGACY_RUN_CONFIG
+    if not cfg_path.is_file():
+        raise ExportError(f"{run_dir / RUN_CONFIG} is missing: the run directory is incomplete; rerun training")
+    cfg, ignored = _run_config(cfg_path)
     given = base if base is not None else cfg.model.path
     try:  # a GGUF file resolves to the same converted directory the run trained on
         base_dir = resolve_model_dir(str(given))
     except ModelError as e:
-        src = "--base" if base is not None else f"model.path in {run_dir / 'config.yaml'}"
+        src = "--base" if base is not None else f"model.path in {cfg_path}"
         raise ExportError(f"base model ({src}): {e}; pass --base with the model it was trained on") from None
     base_config = AutoConfig.from_pretrained(base_dir)
     head_unit = summary.get("structure", {}).get("head_unit", cfg.pruning.head_unit)
@@ -251,6 +257,14 @@ def load_run(run_dir: str | Path, base: str | Path | None = None) -> Run:
             f"{run_dir / 'summary.json'} was trained on another model than {base_dir} (run vs base: {shown}); "
             "pass --base with the model the run was trained on"
         )
+    recorded = summary.get("fingerprints", {}).get("base")
+    if recorded is not None:  # same shapes are not enough: the weights must be the ones trained against
+        changed = compare({"base": recorded}, {"base": model_fingerprint(base_dir)})
+        if changed:
+            raise ExportError(
+                f"{base_dir} is not the base model the run was trained on ({'; '.join(changed)}, against the "
+                f"fingerprints in {run_dir / 'summary.json'}); pass --base with the model it was trained on"
+            )
     masks_path = run_dir / "masks.safetensors"
     if not masks_path.is_file():
         raise ExportError(f"{masks_path} is missing: the run did not save its masks; rerun training")
@@ -262,7 +276,7 @@ def load_run(run_dir: str | Path, base: str | Path | None = None) -> Run:
     except ValueError as e:
         raise ExportError(f"{masks_path}: {e}; the masks belong to another model or run") from e
     adapter = LoraAdapter(run_dir / "adapter")
-    notes = [f"{run_dir / 'config.yaml'}: ignored keys unknown to this version: {ignored}"] if ignored else []
+    notes = [f"{cfg_path}: ignored keys unknown to this version: {ignored}"] if ignored else []
     return Run(run_dir, cfg, summary, base_dir, base_config, s, m.heads, m.channels, adapter, notes)
 
 
@@ -683,18 +697,23 @@ def staged_output(out_dir: Path, overwrite: bool, protected: list[Path]) -> Iter
             raise ExportError(f"--out {out_dir} would overwrite {p}; choose another directory")
     if out.exists() and not out.is_dir():
         raise ExportError(f"--out {out_dir} is a file; choose a directory")
-    if out.is_dir() and any(out.iterdir()) and not overwrite:
-        raise ExportError(f"--out {out_dir} exists and is not empty; choose another directory or pass --overwrite")
+    for note in clean_stale_staging(out):
+        print(f"note: {note}")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ExportError(f"--out {out_dir} exists and is not empty; choose another directory or pass --overwrite")
+        check_replaceable(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    tmp = staging_dir(out)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        yield tmp
+        with terminate_as_exception():  # SIGTERM: the staged model is removed too
+            yield tmp
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    old = staging_dir(out, "old")
     if out.exists():
         os.replace(out, old)
     os.replace(tmp, out)

@@ -4,6 +4,8 @@
 left out), read once at start:
   sigkill@6:1   rank 1 kills itself with SIGKILL at the end of step 6 (a node dying)
   sigterm@5:0   rank 0 receives SIGTERM at the end of step 5 (Slurm's time limit reaching one rank first)
+  sigint@4      every rank receives SIGINT at the end of step 4 (Ctrl-C in the terminal)
+  sigterm@0     step 0 is start-up: the signal comes before the data is read (preempted while loading)
   nan@3         the loss of step 3 is NaN on every rank (an overflow, a bad batch)
 Unset in normal runs; nothing here runs then.
 """
@@ -16,8 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
+from .config import ConfigError
+
 ENV = "PIPELINE_FAULTS"
-KINDS = ("sigkill", "sigterm", "nan")
+KINDS = ("sigkill", "sigterm", "sigint", "nan")
+_SIGNALS = {"sigterm": signal.SIGTERM, "sigint": signal.SIGINT, "sigkill": signal.SIGKILL}
 
 
 @dataclass(frozen=True)
@@ -28,17 +33,24 @@ class Fault:
 
 
 def parse(spec: str) -> list[Fault]:
-    out = []
+    """Every malformed item is reported at once (exit 2), before any work."""
+    out, errs = [], []
     for item in filter(None, (s.strip() for s in spec.split(","))):
         try:
             kind, rest = item.split("@", 1)
             step, _, rank = rest.partition(":")
             fault = Fault(kind, int(step), int(rank) if rank else None)
-        except ValueError as e:
-            raise ValueError(f"{ENV}: {item!r} is not KIND@STEP[:RANK]") from e
+        except ValueError:
+            errs.append(f"{item!r} is not KIND@STEP[:RANK] (e.g. sigterm@5:0)")
+            continue
         if fault.kind not in KINDS:
-            raise ValueError(f"{ENV}: {item!r}: kind must be one of {', '.join(KINDS)}")
-        out.append(fault)
+            errs.append(f"{item!r}: kind must be one of {', '.join(KINDS)}")
+        elif fault.step < 0 or (fault.rank is not None and fault.rank < 0):
+            errs.append(f"{item!r}: step and rank must be >= 0")
+        else:
+            out.append(fault)
+    if errs:
+        raise ConfigError(f"{ENV}={spec}: " + "; ".join(errs) + f"; fix or unset {ENV}")
     return out
 
 
@@ -54,7 +66,7 @@ class Faults:
         return loss * float("nan") if self._due("nan", step) else loss
 
     def end_of_step(self, step: int) -> None:
-        if self._due("sigterm", step):
-            os.kill(os.getpid(), signal.SIGTERM)
-        if self._due("sigkill", step):
-            os.kill(os.getpid(), signal.SIGKILL)
+        """At the end of ``step``; step 0 is start-up, before the data is read."""
+        for kind, sig in _SIGNALS.items():
+            if self._due(kind, step):
+                os.kill(os.getpid(), sig)

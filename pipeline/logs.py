@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import resource
 import secrets
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +66,9 @@ def _flat_numbers(d: dict[str, Any], prefix: str = "") -> dict[str, float | str]
 
 class _TensorBoard:
     def __init__(self, out_dir: Path) -> None:
+        self.open(out_dir)
+
+    def open(self, out_dir: Path) -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         self.writer = SummaryWriter(str(out_dir / "tb"))
@@ -88,7 +93,7 @@ class _WandB:
     """One W&B run per output.dir (its id is kept there, so a resumed run continues it). Without
     WANDB_MODE and without a W&B login, it logs offline into output.dir/wandb (`wandb sync` uploads)."""
 
-    def __init__(self, out_dir: Path, lg: LoggingConfig, config: dict[str, Any]) -> None:
+    def __init__(self, out_dir: Path, lg: LoggingConfig, config: dict[str, Any], wandb_dir: Path | None = None) -> None:
         import wandb
         from wandb.errors import CommError, UsageError
 
@@ -97,8 +102,8 @@ class _WandB:
         run_id = id_file.read_text().strip() if id_file.is_file() else secrets.token_hex(4)
         kwargs = dict(
             project=lg.project,
-            name=lg.run_name or out_dir.resolve().name,
-            dir=str(out_dir),
+            name=lg.run_name or (wandb_dir or out_dir).resolve().name,
+            dir=str(wandb_dir or out_dir),
             config=config,
             id=run_id,
             resume="allow",
@@ -108,7 +113,7 @@ class _WandB:
         except (UsageError, CommError) as e:
             if os.environ.get("WANDB_MODE"):
                 raise
-            info(f"wandb: {e}; logging offline to {out_dir / 'wandb'} (upload later with `wandb sync`)")
+            info(f"wandb: {e}; logging offline to {(wandb_dir or out_dir) / 'wandb'} (upload later with `wandb sync`)")
             self.run = wandb.init(**kwargs, mode="offline")
         id_file.write_text(run_id + "\n")
 
@@ -122,7 +127,8 @@ class _WandB:
         if widths_png is not None and widths_png.is_file():
             extra["kept_widths_plot"] = self.wandb.Image(str(widths_png))
         self.run.log(extra, step=step)
-        self.run.summary.update(_flat_numbers(summary))
+        # Input fingerprints are file hashes, for resume and compact, not run figures.
+        self.run.summary.update(_flat_numbers({k: v for k, v in summary.items() if k != "fingerprints"}))
 
     def close(self, ok: bool) -> None:
         self.run.finish(exit_code=0 if ok else 1)
@@ -138,7 +144,10 @@ class RunLogger:
         start: int = 0,
         lg: LoggingConfig | None = None,
         config: dict[str, Any] | None = None,
+        wandb_dir: Path | None = None,
     ) -> None:
+        """``wandb_dir``: where W&B keeps its files (default ``out_dir``); a run staged in output.dir/.incoming
+        logs them to output.dir itself, since W&B keeps writing by path after the run directory moves."""
         lg = lg or LoggingConfig()
         self.backends: list[Any] = []
         self.bar = None
@@ -147,7 +156,7 @@ class RunLogger:
             if "tensorboard" in lg.report_to:
                 self.backends.append(_TensorBoard(out))
             if "wandb" in lg.report_to:
-                self.backends.append(_WandB(out, lg, config or {}))
+                self.backends.append(_WandB(out, lg, config or {}, wandb_dir))
             self.bar = tqdm(total=total_steps, initial=start, desc="prune", dynamic_ncols=True)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
@@ -163,6 +172,19 @@ class RunLogger:
         if self.bar is not None:
             self.bar.set_postfix(postfix, refresh=False)
             self.bar.update(1)
+
+    @contextlib.contextmanager
+    def moving(self, new_dir: Path) -> Iterator[None]:
+        """Around a move of the run directory: TensorBoard writes by path, so its event file is closed
+        before and a new one opened in ``new_dir`` after (W&B keeps its own folder, which does not move)."""
+        tbs = [b for b in self.backends if isinstance(b, _TensorBoard)]
+        for b in tbs:
+            b.close(True)
+        try:
+            yield
+        finally:
+            for b in tbs:
+                b.open(new_dir)
 
     def close(self, ok: bool = True) -> None:
         if self.bar is not None:

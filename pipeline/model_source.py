@@ -71,12 +71,47 @@ def _is_repo_id(path: str) -> bool:
 
 
 def check_model_dir(d: Path, given: str) -> None:
+    """Cheap (headers only): a model directory whose config and safetensors files are whole."""
+    if (d / "summary.json").is_file() and (d / "adapter").is_dir():
+        raise ModelError(
+            f"model.path={given}: this is a pruning run's directory (output.dir), not a model; make a model "
+            f"of it first with tools/compact.py --run {given} --out DIR, and use DIR"
+        )
     if not (d / "config.json").is_file():
         raise ModelError(f"model.path={given}: no config.json; is this a Hugging Face model directory?")
+    try:
+        conf = json.loads((d / "config.json").read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ModelError(f"model.path={given}: {d / 'config.json'} is not valid JSON ({e}); restore it") from None
+    if not isinstance(conf, dict):
+        raise ModelError(f"model.path={given}: {d / 'config.json'} is not a JSON object; restore it")
     if not any((d / f).is_file() for f in _WEIGHT_FILES):
         raise ModelError(
             f"model.path={given}: no weights ({' or '.join(_WEIGHT_FILES[:2])}); save the model with save_pretrained"
         )
+    for f in sorted(d.glob("*.safetensors")):
+        problem = safetensors_problem(f)
+        if problem:
+            raise ModelError(f"model.path={given}: {f.name} {problem}; download or save the model again")
+
+
+def safetensors_problem(f: Path) -> str | None:
+    """Why a safetensors file cannot be whole (header unreadable, data shorter than the header says), or None."""
+    size = f.stat().st_size
+    try:
+        with f.open("rb") as fh:
+            head = fh.read(8)
+            n = int.from_bytes(head, "little") if len(head) == 8 else -1
+            if not 0 < n <= size - 8:
+                return f"is truncated or not a safetensors file ({size} bytes)"
+            header = json.loads(fh.read(n))
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        return f"has an unreadable header ({e})"
+    ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__" and isinstance(v, dict)]
+    need = 8 + n + max(ends, default=0)
+    if size < need:
+        return f"is truncated: {size} bytes, its header describes {need}"
+    return None
 
 
 def _hub_snapshot(repo_id: str) -> Path:

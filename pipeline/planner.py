@@ -184,9 +184,14 @@ class ZeroSettings:
     def from_ds_config(cls, path: str | Path) -> ZeroSettings:
         path = Path(path)
         try:
-            zero = json.loads(path.read_text()).get("zero_optimization", {})
+            d = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as e:
             raise PlanError(f"--ds-config {path}: {e}") from e
+        if not isinstance(d, dict) or not isinstance(d.get("zero_optimization", {}), dict):
+            raise PlanError(
+                f"--ds-config {path}: expected a JSON object with a zero_optimization object (as ds_configs/zero3.json)"
+            )
+        zero = d.get("zero_optimization", {})
         if zero.get("stage") != 3:
             raise PlanError(f"--ds-config {path}: the pipeline plans ZeRO stage 3, found stage {zero.get('stage')}")
         v = {k: int(zero.get(k, default)) for k, default in _ZERO_DEFAULTS.items()}
@@ -233,6 +238,12 @@ class Settings:
         bad = [m for m in self.target_modules if m not in MODULES]
         if bad or not self.target_modules:
             errs.append(f"target_modules={list(self.target_modules)}: a non-empty subset of {', '.join(MODULES)}")
+        # NaN fails every comparison, so these are written as "not (x > 0)".
+        for key in ("gpu_mem_gb", "link_gbps"):
+            if not getattr(self, key) > 0 or getattr(self, key) == float("inf"):
+                errs.append(f"{key}={getattr(self, key)}: must be a finite number > 0")
+        if not self.reserve_gb >= 0 or self.reserve_gb == float("inf"):
+            errs.append(f"reserve_gb={self.reserve_gb}: must be a finite number >= 0")
         if errs:
             raise PlanError("; ".join(errs))
 

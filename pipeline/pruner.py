@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 
 import torch
@@ -9,12 +10,28 @@ from torch import nn
 
 from . import distributed as D
 from .aggregation import ScoreTracker, all_reduce_scores, combine, mask_grad_scores, mix_mask_grad
-from .config import PruningConfig
+from .config import ConfigError, PruningConfig
 from .importance import FullGradients, ScoreLayout, module_refs, module_scores
 from .masks import Masks
 from .schedule import CubicSchedule
 from .selection import decide
 from .structure import Structure
+
+_SCORED_BY = (("heads", ("q_proj", "k_proj", "v_proj", "o_proj")), ("channels", ("gate_proj", "up_proj", "down_proj")))
+
+
+def check_lora_coverage(criterion: str, adapted: set[str]) -> None:
+    """criterion=lora scores each unit kind from the adapters on its projections: both kinds need one.
+    ``adapted``: projection names with LoRA (checked from lora.target_modules before loading, then on the model)."""
+    if criterion != "lora":
+        return
+    for kind, names in _SCORED_BY:
+        if not adapted & set(names):
+            raise ConfigError(
+                f"pruning.criterion=lora needs LoRA on at least one of {', '.join(names)} to score {kind} "
+                f"(lora.target_modules={sorted(adapted) or 'none of them'}); add them to lora.target_modules "
+                "or use pruning.criterion=taylor"
+            )
 
 
 class Pruner:
@@ -25,17 +42,7 @@ class Pruner:
         self.schedule = CubicSchedule(p.target_sparsity, steps, p.warmup, p.cooldown, p.prune_every)
         self.tracker = ScoreTracker(p.ema)
         self.decisions: list[int] = []
-        if p.criterion == "lora":
-            has = {r.name for r in self.refs if r.has_lora}
-            for kind, names in (
-                ("heads", ("q_proj", "k_proj", "v_proj", "o_proj")),
-                ("channels", ("gate_proj", "up_proj", "down_proj")),
-            ):
-                if not has & set(names):
-                    raise ValueError(
-                        f"pruning.criterion=lora needs LoRA on at least one of {names} to score {kind}; "
-                        "add them to lora.target_modules or use pruning.criterion=taylor"
-                    )
+        check_lora_coverage(p.criterion, {r.name for r in self.refs if r.has_lora})
         self._random: tuple[torch.Tensor, torch.Tensor] | None = None
         if p.criterion == "random":
             g = torch.Generator().manual_seed(seed)  # same draw on every rank
@@ -117,3 +124,38 @@ class Pruner:
         self.masks.load_state_dict({k[6:]: v for k, v in sd.items() if k.startswith("masks.")})
         self.tracker.load_state_dict({k[7:]: v for k, v in sd.items() if k.startswith("scores.")})
         self.decisions = [int(t) for t in sd["decisions"]]
+
+
+def reachable_sparsity(s: Structure, p: PruningConfig) -> float:
+    """The largest fraction of prunable parameters the caps allow on this model (max_layer_sparsity, one
+    unit of each kind kept per layer or KV group): the decision rule itself, at fraction 1."""
+    m = Masks(s)
+    groups = s.num_kv_heads if s.head_unit == "query" else 1
+    keep_h, keep_c = decide(
+        torch.zeros(s.num_layers, s.head_units),
+        torch.zeros(s.num_layers, s.intermediate_size),
+        m.head_units(),
+        m.channel_units(),
+        1.0,
+        p.scope,
+        p.max_layer_sparsity,
+        groups,
+    )
+    m.set_units(keep_h, keep_c)
+    return m.sparsity()
+
+
+def check_reachable(s: Structure, p: PruningConfig) -> None:
+    """Refuse a target the caps cannot reach (it would be reached silently short)."""
+    reach = reachable_sparsity(s, p)
+    # Decisions round to whole units: a target within one unit of each kind of the cap is met as nearly as it can be.
+    unit = (s.params_per_head_unit + s.params_per_channel) / s.prunable_params
+    if p.target_sparsity > reach + unit:
+        most = math.floor(reach * 1000) / 1000
+        cap = f"pruning.max_layer_sparsity={p.max_layer_sparsity} and " if p.scope == "global" else ""
+        raise ConfigError(
+            f"pruning.target_sparsity={p.target_sparsity} cannot be reached on this model: with {cap}at least "
+            f"one head unit ({s.head_unit}) and one MLP channel kept per layer (scope {p.scope}), at most "
+            f"{reach:.4f} of the prunable parameters can be removed ({s.head_units} head units and "
+            f"{s.intermediate_size} channels per layer); lower pruning.target_sparsity to {most} or less"
+        )

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .config import InputError
@@ -145,3 +146,19 @@ def discover(model: nn.Module, head_unit: str = "kv_group") -> Structure:
     for layer in layers:
         layer_modules(layer)
     return s
+
+
+def check_layout(config: object) -> None:
+    """Build the model on the meta device (no memory, no weights read) and check its decoder-layer layout,
+    so an architecture without the known prunable structure (e.g. BERT) is refused before any loading."""
+    from transformers import AutoModelForCausalLM
+
+    model_type = getattr(config, "model_type", "?")
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except (ValueError, KeyError) as e:
+        raise StructureError(f"model type {model_type!r}: transformers has no causal LM for it ({e})") from None
+    layers = decoder_layers(model)
+    if len(layers):
+        layer_modules(layers[0])

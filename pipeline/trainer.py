@@ -20,7 +20,10 @@ from . import distributed as D
 from .bench_report import WIDTHS_PNG, plot_widths
 from .checkpoint import (
     CHECKPOINTS,
-    check_output_dir,
+    RUN_CONFIG,
+    TRAIN_LOG,
+    CheckpointError,
+    dumps,
     load_checkpoint,
     resolve_resume,
     save_checkpoint,
@@ -35,41 +38,35 @@ from .distill import Distiller, load_teacher
 from .ds_config import resolve
 from .evaluation import lm_eval_task_manager, run_lm_eval
 from .faults import Faults
+from .fingerprint import run_fingerprints
 from .logs import RunLogger, info, peak_memory_mb
 from .masks import Masks
 from .model_loading import load_model, load_tokenizer, model_config
 from .model_source import ModelError, resolve_model_dir, source_record
 from .perf import StepPerf
-from .pruner import Pruner
+from .pruner import Pruner, check_lora_coverage, check_reachable
 from .rank_pruning import RankPruner
-from .structure import discover, structure_from_config
+from .rundir import OutputLock, prepare_output, promote
+from .stops import AFTER_LOOP, EXIT_PREEMPTED, STOP_SIGNALS, RunStopped, stop_outside_the_loop
+from .structure import check_layout, discover, structure_from_config
 
-TRAIN_LOG = "train_log.jsonl"  # rank 0: one row per logged step (loss, lr, sparsity)
-EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM after a checkpoint; run again to continue
 EXIT_BAD_STEPS = 3
 
 
-class RunStopped(RuntimeError):
-    """The run stopped before its last step, on purpose; ``exit_code`` tells the launcher script why."""
-
-    def __init__(self, message: str, exit_code: int) -> None:
-        super().__init__(message)
-        self.exit_code = exit_code
-
-
 class StopRequest:
-    """SIGTERM (Slurm's time limit, preemption) only sets a flag: the ranks agree on it at the next
-    step's all-reduce, save a checkpoint together and exit, instead of dying mid-collective."""
+    """SIGTERM (Slurm's time limit, preemption) or SIGINT (Ctrl-C) only sets a flag: the ranks agree on
+    it at the next step's all-reduce, save a checkpoint together and exit, instead of dying mid-collective."""
 
     def __init__(self) -> None:
-        self.requested = False
-        self._old = signal.signal(signal.SIGTERM, self._handle)
+        self.requested: str | None = None
+        self._old = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
 
     def _handle(self, signum: int, frame: Any) -> None:
-        self.requested = True
+        self.requested = signal.Signals(signum).name
 
     def close(self) -> None:
-        signal.signal(signal.SIGTERM, self._old)
+        for s, old in self._old.items():
+            signal.signal(s, old)
 
 
 def seed_everything(seed: int) -> None:
@@ -105,17 +102,37 @@ class Trainer:
         self.cfg = cfg
         ev = cfg.eval  # unknown lm-eval task names stop the run here, before start-up and loading
         self.lm_eval_tm = lm_eval_task_manager(ev.lm_eval_tasks, ev.lm_eval_include_path) if ev.lm_eval_tasks else None
+        Faults(0)  # a malformed PIPELINE_FAULTS is refused before start-up
         D.init()
-        check_output_dir(cfg)
+        # Rank 0 holds output.dir's lock from here to exit; work is where this run writes (see rundir.py).
+        self.work, self.lock = prepare_output(cfg)
+        try:
+            self._start(cfg)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release output.dir (rank 0); called on every exit, also after a failed start."""
+        lock: OutputLock | None = getattr(self, "lock", None)
+        if lock is not None:
+            lock.release()
+            self.lock = None
+
+    def _start(self, cfg: Config) -> None:
         # Cheap checks before any heavy work: the model structure and the data.
         # model.path may be a GGUF file or a cached repo id; everything below reads one local directory.
         self.model_dir = resolve_model_dir(cfg.model.path)
         base_config = model_config(self.model_dir)
-        structure_from_config(base_config, cfg.pruning.head_unit)
+        check_reachable(structure_from_config(base_config, cfg.pruning.head_unit), cfg.pruning)
+        check_layout(base_config)
+        check_lora_coverage(cfg.pruning.criterion, {m.rsplit(".", 1)[-1] for m in cfg.lora.target_modules})
         self.teacher_dir = self._check_teacher(base_config)
         self.ds_config = resolve(cfg, D.world_size())
-        self.resume_from, self.resume_state = resolve_resume(cfg, D.world_size())
+        self.fingerprints = run_fingerprints(self.model_dir, cfg.data)
+        self.resume_from, self.resume_state = resolve_resume(cfg, D.world_size(), self.work, self.fingerprints)
         self.faults = Faults(D.rank())
+        self.faults.end_of_step(0)  # fault injection: a signal during start-up
         self.bad_steps: list[int] = []
         self.last_loss, self.scheduled = math.nan, 0.0
         seed_everything(cfg.train.seed)
@@ -190,7 +207,7 @@ class Trainer:
 
     def run(self) -> dict[str, Any]:
         cfg, t = self.cfg, self.cfg.train
-        out = Path(cfg.output.dir)
+        out = self.work
         s = self.structure
         info(
             f"{s.model_type}: {s.num_layers} layers, {s.num_heads} heads / {s.num_kv_heads} KV heads, "
@@ -207,10 +224,10 @@ class Trainer:
                 (out / TRAIN_LOG).unlink(missing_ok=True)
             eval_before = evaluate(self.engine, self.eval_blocks, t.micro_batch_size)
         if D.is_main():
-            save_config(cfg, out / "config.yaml")
+            save_config(cfg, out / RUN_CONFIG)
         D.barrier()
         info(f"eval before: loss {eval_before[0]:.4f} ppl {eval_before[1]:.2f}")
-        log = RunLogger(out, t.steps, start, cfg.logging, cfg.to_dict())
+        log = RunLogger(out, t.steps, start, cfg.logging, cfg.to_dict(), wandb_dir=Path(cfg.output.dir))
         stop = StopRequest()
         dev = D.device()
         tokens_per_step = self.batches.global_batch * cfg.data.seq_len
@@ -230,7 +247,7 @@ class Trainer:
                     if micro == t.grad_accum - 1:  # gradients are complete and not yet consumed by step()
                         # One all-reduce for the loss, a non-finite loss/gradient anywhere, and SIGTERM anywhere.
                         bad_here = not (torch.isfinite(loss_acc).all() and D.local_grads_finite(self.trainable))
-                        agree = [float(bad_here), float(stop.requested)]
+                        agree = [float(bad_here), float(stop.requested is not None)]
                         flags = torch.cat([loss_acc, loss_acc.new_tensor(agree), parts])
                         D.all_reduce_sum(flags)
                         bad = bool(flags[1] > 0)
@@ -263,8 +280,8 @@ class Trainer:
                     ckpt = self._checkpoint(step, eval_before)
                     if flags[2] > 0:
                         raise RunStopped(
-                            f"SIGTERM: saved {ckpt} at step {step} of {t.steps}; run the same command again "
-                            "(train.resume=auto) to continue",
+                            f"{stop.requested or 'SIGTERM on another rank'}: saved {ckpt} at step {step} of "
+                            f"{t.steps}; run the same command again (train.resume=auto) to continue",
                             EXIT_PREEMPTED,
                         )
                 self.faults.end_of_step(step)
@@ -275,12 +292,18 @@ class Trainer:
             raise
         finally:
             stop.close()
+            stop_outside_the_loop(AFTER_LOOP)
         info(f"eval after: loss {eval_after[0]:.4f} ppl {eval_after[1]:.2f}; sparsity {self.masks.sparsity():.4f}")
         summary = self._summary(eval_before, eval_after)
         scores = {k: v for k, v in self.pruner.state_dict().items() if k.startswith("scores.")}
         alive = self.rank_pruner.alive if self.rank_pruner else None
-        save_run(self.model, cfg, self.masks.state_dict(), scores, summary, alive, self.model_dir)
-        info(f"wrote {out}")
+        save_run(self.model, cfg, self.masks.state_dict(), scores, summary, alive, self.model_dir, out)
+        if out != Path(cfg.output.dir):  # replacing a finished run (output.overwrite): only now does it move aside
+            with log.moving(Path(cfg.output.dir)):
+                if D.is_main():
+                    promote(out, Path(cfg.output.dir))
+            D.barrier()
+        info(f"wrote {cfg.output.dir}")
         ok = False
         try:
             summary = self._after_run(log, summary)
@@ -356,8 +379,8 @@ class Trainer:
             log.scalars(step, values)
             if D.is_main():
                 row = {"step": step, "loss": self.last_loss, "lr": values["train/lr"]}
-                with (Path(self.cfg.output.dir) / TRAIN_LOG).open("a") as f:
-                    f.write(json.dumps({**row, "sparsity": values["prune/sparsity_achieved"]}) + "\n")
+                with (self.work / TRAIN_LOG).open("a") as f:
+                    f.write(dumps({**row, "sparsity": values["prune/sparsity_achieved"]}) + "\n")
         log.progress({"loss": f"{self.last_loss:.3f}", "sparsity": f"{self.masks.sparsity():.3f}"})
 
     def _checkpoint(self, step: int, eval_before: tuple[float, float]) -> Path:
@@ -370,11 +393,12 @@ class Trainer:
             "last_loss": self.last_loss,
             "scheduled": self.scheduled,
             "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__},
+            "fingerprints": self.fingerprints,
         }
         tensors = {f"pruner.{k}": v for k, v in self.pruner.state_dict().items()}
         if self.rank_pruner:
             tensors.update({f"rank_pruner.{k}": v for k, v in self.rank_pruner.state_dict().items()})
-        ckpt = save_checkpoint(self.engine, Path(self.cfg.output.dir), step, state, tensors, self.cfg.train.keep_last)
+        ckpt = save_checkpoint(self.engine, self.work, step, state, tensors, self.cfg.train.keep_last)
         info(f"checkpoint {ckpt}")
         return ckpt
 
@@ -384,20 +408,20 @@ class Trainer:
         if self.rank_pruner:
             self.rank_pruner.load_state_dict({k[12:]: v for k, v in tensors.items() if k.startswith("rank_pruner.")})
         self.bad_steps = list(state["bad_steps"])
-        self.last_loss, self.scheduled = state["last_loss"], state["scheduled"]
+        self.last_loss, self.scheduled = _num(state["last_loss"]), state["scheduled"]
         D.verify_identical([self.masks.heads, self.masks.channels], "resumed masks")
         start = int(state["step"])
-        out = Path(self.cfg.output.dir)
+        out = self.work
         if D.is_main():
             out.mkdir(parents=True, exist_ok=True)
             if ckpt.parent.resolve() == (out / CHECKPOINTS).resolve():
                 supersede_after(ckpt)
             log = out / TRAIN_LOG
             if log.exists():  # drop the steps a killed run logged after this checkpoint
-                rows = [r for r in log.read_text().splitlines() if r and json.loads(r)["step"] <= start]
-                log.write_text("".join(r + "\n" for r in rows))
+                rows = log_rows(log)
+                log.write_text("".join(dumps(r) + "\n" for r in rows if r["step"] <= start))
         info(f"resumed from {ckpt} at step {start} of {self.cfg.train.steps}")
-        return start, (state["eval_before"][0], state["eval_before"][1])
+        return start, (_num(state["eval_before"][0]), _num(state["eval_before"][1]))
 
     def _summary(self, before: tuple[float, float], after: tuple[float, float]) -> dict[str, Any]:
         cfg, s, m = self.cfg, self.structure, self.masks
@@ -437,6 +461,7 @@ class Trainer:
             "adapter_ranks": self.rank_pruner.ranks() if self.rank_pruner else None,
             "adapter_params": self.rank_pruner.adapter_params() if self.rank_pruner else None,
             "distill": self._distill_summary(),
+            "fingerprints": self.fingerprints,
         }
 
     def _distill_summary(self) -> dict[str, Any] | None:
@@ -453,3 +478,28 @@ class Trainer:
             "teacher_time_share": tot["teacher_s"] / tot["step_s"] if tot["step_s"] else None,
             "objective_time_share": tot["objective_s"] / tot["step_s"] if tot["step_s"] else None,
         }
+
+
+def _num(x: float | None) -> float:
+    """A number read back from strict JSON, where NaN was written as null."""
+    return math.nan if x is None else float(x)
+
+
+def log_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of train_log.jsonl. A torn last line (the process killed mid-write) is dropped with a
+    warning; an unreadable line before the last is a corrupt log, refused naming the line."""
+    lines = path.read_text().splitlines()
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError as e:
+            if i == len(lines):
+                info(f"warning: {path}: dropping its torn last line {i} ({line[:60]!r}); its writer was killed")
+                continue
+            raise CheckpointError(
+                f"{path}:{i}: not a JSON row ({e}); repair or delete the line (the log is for reading only)"
+            ) from None
+    return rows

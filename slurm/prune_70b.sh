@@ -150,9 +150,9 @@ else
         bash -c 'exec "$0" --node_rank="$SLURM_NODEID" "$@"' \
         "${LAUNCH[@]}" pipeline/run.py --config "$CONFIG" "$@" || rc=$?
 fi
-# 75: stopped by SIGTERM after saving a checkpoint (pipeline/trainer.py EXIT_PREEMPTED).
+# 75: stopped by SIGTERM/SIGINT, after saving a checkpoint or before the first step (pipeline/stops.py EXIT_PREEMPTED).
 if ((rc == 75)) && [[ ${REQUEUE:-1} == 1 ]]; then
-    echo "job $SLURM_JOB_ID: checkpoint saved on SIGTERM; requeued, it resumes from there (train.resume=auto)"
+    echo "job $SLURM_JOB_ID: stopped on SIGTERM (checkpoint saved, if any); requeued, it resumes from there (train.resume=auto)"
     "$SCONTROL" requeue "$SLURM_JOB_ID"
 fi
 exit "$rc"

@@ -22,7 +22,8 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from pipeline.config import config_from_dict, save_config
+from pipeline.checkpoint import RUN_CONFIG
+from pipeline.config import InputError, config_from_dict, save_config
 from pipeline.export import ExportError, export, load_run, module_names, nf4_roundtrip, plan_layer
 from pipeline.export_verify import VerifyError, compare, load_masked_model, logits, sample_inputs, verify
 from pipeline.masks import Masks
@@ -78,7 +79,7 @@ def make_run(
             "output": {"dir": str(run)},
         }
     )
-    save_config(cfg, run / "config.yaml")
+    save_config(cfg, run / RUN_CONFIG)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_pretrained(model_dir)
     peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=PROJ, **(lora or {})))
@@ -354,7 +355,7 @@ def test_run_from_another_model_is_refused(good_run, make_model, tmp_path):
 
 
 def test_run_config_from_another_version_is_read(good_run):
-    cfg = good_run / "config.yaml"
+    cfg = good_run / RUN_CONFIG
     cfg.write_text(cfg.read_text() + "extra_section: {a: 1}\n")
     cfg.write_text(cfg.read_text().replace("\npruning:\n", "\npruning:\n  future_knob: 3\n"))  # top level
     assert "['pruning.future_knob', 'extra_section']" in load_run(good_run).notes[0]
@@ -379,8 +380,19 @@ def test_existing_output_needs_overwrite(good_run, tmp_path):
     with pytest.raises(ExportError, match="exists and is not empty.*--overwrite"):
         export(load_run(good_run), out)
     assert (out / "keep.txt").is_file()
-    export(load_run(good_run), out, overwrite=True, log=lambda _: None)
-    assert not (out / "keep.txt").exists() and (out / "config.json").is_file()
+    # --overwrite replaces only a previous export: a directory of other files is refused, untouched.
+    with pytest.raises(InputError, match="does not hold a model written by tools/compact.py"):
+        export(load_run(good_run), out, overwrite=True, log=lambda _: None)
+    assert (out / "keep.txt").read_text() == "x"
+    (out / "keep.txt").unlink()
+    export(load_run(good_run), out, log=lambda _: None)
+    first = (out / "config.json").read_text()
+    export(load_run(good_run), out, overwrite=True, log=lambda _: None)  # a previous export: replaced
+    assert (out / "config.json").read_text() == first
+    (out / "notes.txt").write_text("mine")  # an export plus a file of the user's: refused, named
+    with pytest.raises(InputError, match=r"files compact did not write \(notes.txt\)"):
+        export(load_run(good_run), out, overwrite=True, log=lambda _: None)
+    assert (out / "notes.txt").read_text() == "mine" and (out / "config.json").is_file()
     with pytest.raises(ExportError, match="would overwrite"):
         export(load_run(good_run), good_run, overwrite=True)
 

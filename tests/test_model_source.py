@@ -131,7 +131,10 @@ def test_hub_id_resolves_through_the_cache(tmp_path, monkeypatch) -> None:
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text("a" * 40)
     LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4).save_pretrained(snap)
-    (snap / "model.safetensors").write_bytes(b"")
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({"x": torch.zeros(1)}, snap / "model.safetensors")  # an empty file would be refused as truncated
     src = classify("org/tiny")
     assert src.kind == "hub" and src.path == snap
     assert source_record(snap, "org/tiny") == {"format": "hub", "repo_id": "org/tiny", "given": "org/tiny"}

@@ -62,7 +62,7 @@ def test_run_dir_contract(equivalent_runs, make_model):
     assert masks["channels"].sum(-1).tolist() == summary["kept_channels_per_layer"]
     for k in ("eval_ppl_before", "eval_ppl_after", "train_loss_final"):
         assert summary[k] == summary[k] and summary[k] > 0  # finite, not NaN
-    assert (out / "config.yaml").is_file() and list((out / "tb").glob("events.out.tfevents.*"))
+    assert (out / "resolved_config.yaml").is_file() and list((out / "tb").glob("events.out.tfevents.*"))
     # The adapter holds real tensors (not empty ZeRO-3 shards) and loads in PEFT.
     adapter = load_file(out / "adapter" / "adapter_model.safetensors")
     b_keys = [k for k in adapter if "lora_B" in k]

@@ -313,5 +313,5 @@ def test_checkpoint_choice_skips_every_kind_of_broken_one(tmp_path, capsys):
     # output.overwrite=true over a finished run: its checkpoints and summary are kept aside, not deleted.
     (tmp_path / "out" / "summary.json").write_text("{}")
     start_fresh(tmp_path / "out")
-    assert (tmp_path / "out" / "checkpoints.replaced" / "step-00000002").is_dir()
-    assert not root.exists() and (tmp_path / "out" / "summary.replaced.json").exists()
+    assert (tmp_path / "out" / "checkpoints.replaced.1" / "step-00000002").is_dir()
+    assert not root.exists() and (tmp_path / "out" / "summary.replaced.json.1").exists()

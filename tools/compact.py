@@ -21,6 +21,7 @@ if __package__ in (None, ""):  # run as a script: import the package, not siblin
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
 from pipeline.config import InputError
+from pipeline.stops import RunStopped
 
 
 def _size(text: str) -> int:
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--merge-into", choices=("original", "dequantized"), default="original")
     ap.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="default: the base's dtype")
     ap.add_argument("--max-shard-size", type=_size, default="2GB", help="e.g. 500MB, 2GB (default 2GB)")
-    ap.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    ap.add_argument("--overwrite", action="store_true", help="replace --out if it holds only a previous export")
     ap.add_argument("--verify", action="store_true", help="compare with the masked model and time both")
     ap.add_argument("--tolerance", type=float, default=None, help="relative logit tolerance for --verify")
     ap.add_argument("--verify-samples", type=int, default=4, help="sequences for --verify (default 4)")
@@ -87,6 +88,9 @@ def main(argv: list[str] | None = None) -> int:
     except VerifyError as e:
         print(f"error: verification failed, {args.out} not written: {e}", file=sys.stderr)
         return 1
+    except RunStopped as e:  # SIGTERM: the staging directory is gone, --out untouched
+        print(f"stopped: {e}", file=sys.stderr)
+        return e.exit_code
     w = result.widths
     kind = "stock architecture" if result.stock else "per-layer widths (trust_remote_code=True)"
     print(

@@ -9,7 +9,8 @@ python tools/evaluate.py --text ../shared/data/vimdoc/valid.txt --model DENSE_DI
 The first --model is the reference for the speed ratio. Tokenized with the first model's tokenizer,
 into the windows training's data.eval gives (same format detection and prompt masking), so the
 perplexity of a compact model is comparable with the run's eval_ppl_after. Models with their own
-modeling code (per-layer widths) load with trust_remote_code. --lm-eval-tasks also runs those
+modeling code (per-layer widths, an auto_map in config.json) load with trust_remote_code; no other does.
+--lm-eval-tasks also runs those
 lm-evaluation-harness tasks on every model and prints them side by side (needs `pip install -e '.[eval]'`
 and the tasks' data; --lm-eval-include-path adds a folder of task YAMLs of your own). --strided also
 prints the wikitext-style perplexity of the whole --text file (pipeline/evaluation.strided_perplexity:
@@ -30,6 +31,7 @@ if __package__ in (None, ""):  # run as a script: import the package, not siblin
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from pipeline.checkpoint import dumps
 from pipeline.config import DATA_FORMATS, InputError
 from pipeline.evaluation import (
     STRIDED_WINDOW,
@@ -40,6 +42,7 @@ from pipeline.evaluation import (
     strided_perplexity,
 )
 from pipeline.export_verify import forward_speed, n_params
+from pipeline.model_source import resolve_model_dir
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,15 +68,22 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     tasks = [t.strip() for t in args.lm_eval_tasks.split(",") if t.strip()]
     tm = None
-    if tasks:  # before loading any model
+    errs: list[str] = []  # everything is checked, and every problem reported, before any model loads
+    try:
+        model_dirs = check_inputs(args)
+    except InputError as e:
+        errs.append(str(e))
+    if tasks:
         try:
             tm = lm_eval_task_manager(tasks, args.lm_eval_include_path, key="--lm-eval-tasks")
         except InputError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            errs.append(str(e))
+    if errs:
+        print("error: " + "; ".join(errs), file=sys.stderr)
+        return 2
     if args.threads:
         torch.set_num_threads(args.threads)
-    tok = AutoTokenizer.from_pretrained(args.model[0])
+    tok = AutoTokenizer.from_pretrained(model_dirs[args.model[0]])
     try:
         packing = not args.no_packing
         windows = eval_windows(args.text, tok, args.seq_len, args.max_tokens, args.format, args.text_field, packing)
@@ -82,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     n_tok = windows.input_ids.numel() if windows.attention_mask is None else int(windows.attention_mask.sum())
     print(f"{args.text}: {n_tok} tokens, {len(windows)} windows of {args.seq_len}")
-    models = {m: AutoModelForCausalLM.from_pretrained(m, trust_remote_code=True).eval() for m in args.model}
+    models = {
+        m: AutoModelForCausalLM.from_pretrained(d, trust_remote_code=needs_remote_code(d)).eval()
+        for m, d in model_dirs.items()
+    }
     x = windows.input_ids[: args.speed_batch].long()
     speed = forward_speed(models, x, repeats=args.repeats) if args.speed_batch else {}
     ref = args.model[0]
@@ -106,8 +119,39 @@ def main(argv: list[str] | None = None) -> int:
             )
         print(lm_eval_table(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2))
+        Path(args.json).write_text(dumps(report, indent=2))
     return 0
+
+
+def needs_remote_code(model_dir: Path) -> bool:
+    """Only a model with its own modeling code (compact's per-layer widths) loads with trust_remote_code;
+    passing it to every model makes transformers prompt interactively for some of them."""
+    conf = json.loads((Path(model_dir) / "config.json").read_text())
+    return bool(conf.get("auto_map"))
+
+
+def check_inputs(args: argparse.Namespace) -> dict[str, Path]:
+    """Each --model as a local model directory, and --seq-len within every model's context."""
+    errs: list[str] = []
+    dirs: dict[str, Path] = {}
+    for m in args.model:
+        try:
+            dirs[m] = resolve_model_dir(m, key="--model")
+        except InputError as e:
+            errs.append(str(e))
+    if args.seq_len < 2:
+        errs.append(f"--seq-len {args.seq_len}: must be >= 2")
+    for m, d in dirs.items():
+        ctx = json.loads((d / "config.json").read_text()).get("max_position_embeddings")
+        if isinstance(ctx, int) and args.seq_len > ctx:
+            errs.append(f"--seq-len {args.seq_len} exceeds the context of --model {m} ({ctx} positions); lower it")
+    if args.strided and args.window < 2:
+        errs.append(f"--window {args.window}: must be >= 2")
+    if not Path(args.text).is_file():
+        errs.append(f"--text {args.text}: no such file")
+    if errs:
+        raise InputError("; ".join(errs))
+    return dirs
 
 
 def lm_eval_table(report: dict[str, dict]) -> str:
