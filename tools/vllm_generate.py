@@ -37,7 +37,8 @@ def main(argv: list[str] | None = None) -> int:
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    prompts = json.loads(open(args.prompts).read())
+    with open(args.prompts) as f:
+        prompts = json.load(f)
     llm = LLM(
         model=args.model,
         dtype=args.dtype,
