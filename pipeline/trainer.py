@@ -40,7 +40,7 @@ from .masks import Masks
 from .model_loading import load_model, load_tokenizer, model_config
 from .model_source import ModelError, resolve_model_dir, source_record
 from .perf import StepPerf
-from .pruner import Pruner
+from .pruner import Pruner, check_width_rules
 from .rank_pruning import RankPruner
 from .structure import discover, structure_from_config
 
@@ -111,7 +111,7 @@ class Trainer:
         # model.path may be a GGUF file or a cached repo id; everything below reads one local directory.
         self.model_dir = resolve_model_dir(cfg.model.path)
         base_config = model_config(self.model_dir)
-        structure_from_config(base_config, cfg.pruning.head_unit)
+        check_width_rules(structure_from_config(base_config, cfg.pruning.head_unit), cfg.pruning)
         self.teacher_dir = self._check_teacher(base_config)
         self.ds_config = resolve(cfg, D.world_size())
         self.resume_from, self.resume_state = resolve_resume(cfg, D.world_size())
