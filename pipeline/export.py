@@ -36,7 +36,7 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from . import modeling_pruned
+from . import configuration_decilm, modeling_decilm
 from .cards import TAGS, base_license, base_model_id, card, eval_results, lm_eval_table
 from .checkpoint import LEGACY_RUN_CONFIG, RUN_CONFIG
 from .config import Config, InputError, config_from_dict
@@ -45,7 +45,7 @@ from .masks import Masks
 from .model_loading import resolve_dtype
 from .model_source import ModelError, resolve_model_dir, source_record
 from .rundir import check_replaceable, clean_stale_staging, staging_dir, terminate_as_exception
-from .structure import Structure, decoder_layers, layer_modules, structure_from_config
+from .structure import ATTN, MLP, Structure, decoder_layers, layer_modules, structure_from_config
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NF4_BLOCKSIZE = 64  # bitsandbytes' Params4bit default, which transformers' 4-bit loader uses
@@ -285,14 +285,14 @@ def load_run(run_dir: str | Path, base: str | Path | None = None) -> Run:
 
 @dataclass(frozen=True)
 class LayerPlan:
-    """What one decoder layer keeps, as indices into the original projections."""
+    """What one decoder layer keeps, as indices into the original projections (empty: all pruned)."""
 
     q_heads: torch.Tensor  # kept query heads, ordered by KV head, the same count per kept KV head
     kv_heads: torch.Tensor
     channels: torch.Tensor
     head_scale: torch.Tensor  # mask value per kept query head: folded into the o_proj columns
     channel_scale: torch.Tensor  # mask value per kept channel: folded into the down_proj columns
-    padding: int  # units kept at mask 0 only to keep the layer well-formed
+    padding: int  # pruned query heads kept at mask 0 so that every kept KV head has the same count
 
     @property
     def num_heads(self) -> int:
@@ -311,25 +311,22 @@ def plan_layer(heads: torch.Tensor, channels: torch.Tensor, heads_per_group: int
     """Kept units of one layer from its mask rows (a unit with mask 0 is pruned)."""
     kept = (heads != 0).tolist()
     counts = [sum(kept[g * heads_per_group : (g + 1) * heads_per_group]) for g in range(len(kept) // heads_per_group)]
-    kv = [g for g, c in enumerate(counts) if c] or [0]  # never zero heads: keep one group at mask 0
-    per_group = max(max(counts), 1)
+    kv = [g for g, c in enumerate(counts) if c]
+    per_group = max(counts)
     q: list[int] = []
     for g in kv:
         members = range(g * heads_per_group, (g + 1) * heads_per_group)
         fill = [h for h in members if kept[h]] + [h for h in members if not kept[h]]
         q += sorted(fill[:per_group])
     ch = (channels != 0).nonzero().flatten()
-    ch_padding = 0
-    if ch.numel() == 0:  # never zero channels: keep one at mask 0
-        ch, ch_padding = torch.zeros(1, dtype=torch.long), 1
-    q_t = torch.tensor(q)
+    q_t = torch.tensor(q, dtype=torch.long)
     return LayerPlan(
         q_heads=q_t,
-        kv_heads=torch.tensor(kv),
+        kv_heads=torch.tensor(kv, dtype=torch.long),
         channels=ch,
         head_scale=heads[q_t].float(),
         channel_scale=channels[ch].float(),
-        padding=len(q) - sum(kept) + ch_padding,
+        padding=len(q) - sum(kept),
     )
 
 
@@ -338,9 +335,107 @@ def plan(run: Run) -> list[LayerPlan]:
     return [plan_layer(run.heads[i], run.channels[i], hpg) for i in range(run.structure.num_layers)]
 
 
+@dataclass(frozen=True)
+class ServedLayer:
+    """One layer as written: indices into the base projections, -1 for a zero unit (zero q/k/v rows,
+    zero o/down columns: exact). Query heads come grouped by KV head, ``num_heads // num_kv_heads``
+    per group. No heads (channels) at all: the attention (MLP) block is a no-op."""
+
+    q_heads: torch.Tensor
+    kv_heads: torch.Tensor
+    head_scale: torch.Tensor  # per query head; 0 for a zero head and for a pruned head kept at mask 0
+    channels: torch.Tensor
+    channel_scale: torch.Tensor
+
+    @property
+    def num_heads(self) -> int:
+        return len(self.q_heads)
+
+    @property
+    def num_kv_heads(self) -> int:
+        return len(self.kv_heads)
+
+    @property
+    def intermediate_size(self) -> int:
+        return len(self.channels)
+
+    @property
+    def attn_no_op(self) -> bool:
+        return self.num_kv_heads == 0
+
+    @property
+    def ffn_no_op(self) -> bool:
+        return self.intermediate_size == 0
+
+    @property
+    def padding(self) -> tuple[int, int, int]:
+        """(query heads, KV heads, channels) that compute nothing: zero units and units at mask 0."""
+        return int((self.head_scale == 0).sum()), int((self.kv_heads < 0).sum()), int((self.channel_scale == 0).sum())
+
+
+def _zero_padded(p: LayerPlan, kv_slots: int, group: int) -> ServedLayer:
+    """``p`` with ``kv_slots`` KV heads of ``group`` query heads each: the real groups first, each
+    topped up with zero query heads, then zero groups."""
+    k = p.num_kv_heads
+    m = p.num_heads // k if k else 0
+    q, scale = [-1] * (kv_slots * group), [0.0] * (kv_slots * group)
+    for j in range(k):
+        for t in range(m):
+            q[j * group + t], scale[j * group + t] = int(p.q_heads[j * m + t]), float(p.head_scale[j * m + t])
+    return ServedLayer(
+        q_heads=torch.tensor(q, dtype=torch.long),
+        kv_heads=torch.tensor(p.kv_heads.tolist() + [-1] * (kv_slots - k), dtype=torch.long),
+        head_scale=torch.tensor(scale),
+        channels=p.channels,
+        channel_scale=p.channel_scale,
+    )
+
+
+def _no_channels(p: LayerPlan, ffn_no_op: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if p.intermediate_size or ffn_no_op:
+        return p.channels, p.channel_scale
+    return torch.tensor([-1]), torch.zeros(1)  # one zero channel keeps an MLP whose bias must stay
+
+
+def serve_hf(plans: list[LayerPlan]) -> list[ServedLayer]:
+    """Widths as planned; a layer without heads (channels) keeps one zero head (channel)."""
+    out = []
+    for p in plans:
+        s = p if p.num_kv_heads else _zero_padded(p, 1, 1)
+        ch, ch_scale = _no_channels(p, ffn_no_op=False)
+        out.append(ServedLayer(s.q_heads, s.kv_heads, s.head_scale, ch, ch_scale))
+    return out
+
+
+def serve_decilm(plans: list[LayerPlan], o_bias: bool, mlp_bias: bool) -> list[ServedLayer]:
+    """The Nemotron-NAS layout: every attention block has the same number of query heads (the most
+    any layer keeps), grouped ``n_heads_in_group`` per KV head, a divisor of that number. A layer
+    that keeps fewer is padded with zero query heads inside its groups (the smallest KV count that
+    fits), then with zero groups. A fully pruned block becomes a no-op unless a bias would be lost
+    (o_proj / down_proj bias), or, for attention, in the first layer (vLLM starts the residual
+    stream there)."""
+    n = max(max(p.num_heads for p in plans), 1)
+    out = []
+    for i, p in enumerate(plans):
+        if p.num_kv_heads == 0 and i > 0 and not o_bias:
+            heads = _zero_padded(p, 0, 0)
+        else:
+            k, m = p.num_kv_heads, (p.num_heads // p.num_kv_heads if p.num_kv_heads else 0)
+            slots = min(d for d in range(max(k, 1), n + 1) if n % d == 0 and n // d >= m)
+            heads = _zero_padded(p, slots, n // slots)
+        ch, ch_scale = _no_channels(p, ffn_no_op=not mlp_bias)
+        out.append(ServedLayer(heads.q_heads, heads.kv_heads, heads.head_scale, ch, ch_scale))
+    return out
+
+
 def _rows(units: torch.Tensor, size: int) -> torch.Tensor:
-    """Indices of the rows/columns of ``units`` that are ``size`` wide each (heads: head_dim)."""
-    return (units[:, None] * size + torch.arange(size)).flatten()
+    """Indices of the rows/columns of ``units`` that are ``size`` wide each (heads: head_dim); a zero
+    unit (-1) reads unit 0, and is zeroed by ``_unit_mask``."""
+    return (units.clamp_min(0)[:, None] * size + torch.arange(size)).flatten()
+
+
+def _unit_mask(units: torch.Tensor, size: int) -> torch.Tensor:
+    return (units >= 0).float().repeat_interleave(size)
 
 
 # -------------------------------------------------------------------------------------------- weights
@@ -421,21 +516,53 @@ def module_names(base_config: Any) -> tuple[list[tuple[str, dict[str, str]]], se
 @dataclass
 class ExportResult:
     out_dir: Path
-    stock: bool  # loads as the stock architecture (no trust_remote_code)
+    format: str  # hf (the base's stock architecture) | nemotron-nas
     params_before: int
-    params_after: int
+    params_after: int  # served: what the directory holds, zero padding included
     plans: list[LayerPlan]
+    served: list[ServedLayer]
     dtype: torch.dtype
     merge_into: str
+    padding_params: int = 0  # of params_after, the rows and columns that compute nothing
+    zero_query_heads: int = 0  # query heads that compute nothing, summed over layers
+    head_dim: int = 0
     notes: list[str] = field(default_factory=list)
 
     @property
+    def stock(self) -> bool:
+        """Loads as the stock architecture (no trust_remote_code)."""
+        return self.format == "hf"
+
+    @property
+    def params_real(self) -> int:
+        return self.params_after - self.padding_params
+
+    @property
+    def padding_flops(self) -> str:
+        """Forward FLOPs per token spent on padding, as text."""
+        text = f"{2 * self.padding_params:,} in the projections"
+        if self.zero_query_heads:
+            text += f" + {4 * self.head_dim * self.zero_query_heads:,} x context length in attention"
+        return text
+
+    @property
     def widths(self) -> dict[str, list[int]]:
+        """Served widths per layer (0: a no-op block)."""
         return {
-            "num_attention_heads": [p.num_heads for p in self.plans],
-            "num_key_value_heads": [p.num_kv_heads for p in self.plans],
-            "intermediate_size": [p.intermediate_size for p in self.plans],
+            "num_attention_heads": [p.num_heads for p in self.served],
+            "num_key_value_heads": [p.num_kv_heads for p in self.served],
+            "intermediate_size": [p.intermediate_size for p in self.served],
         }
+
+
+def padding_params(served: list[ServedLayer], s: Structure, qkv_bias: bool, mlp_bias: bool) -> int:
+    """Parameters of the served layers that compute nothing (zero units, units at mask 0)."""
+    h, d = s.hidden_size, s.head_dim
+    total = 0
+    for p in served:
+        q, kv, ch = p.padding
+        total += q * (2 * h * d + d * qkv_bias) + kv * 2 * (h * d + d * qkv_bias) + ch * (3 * h + 2 * mlp_bias)
+    return total
 
 
 class _Merger:
@@ -483,37 +610,49 @@ class _Merger:
 
 
 def _write_weights(
-    run: Run, layers: list[tuple[str, dict[str, str]]], plans: list[LayerPlan], merger: _Merger, writer: ShardWriter
+    run: Run,
+    layers: list[tuple[str, dict[str, str]]],
+    served: list[ServedLayer],
+    merger: _Merger,
+    writer: ShardWriter,
 ) -> None:
     base, base_dir, d = merger.base, run.base_dir, run.structure.head_dim
     done: set[str] = set()
-    for (prefix, mods), p in zip(layers, plans, strict=True):
+    for (prefix, mods), p in zip(layers, served, strict=True):
         q_rows, kv_rows = _rows(p.q_heads, d), _rows(p.kv_heads, d)
-        cuts = {  # module kind -> (axis, kept indices, scale of the kept columns)
-            "q_proj": (0, q_rows, None),
-            "k_proj": (0, kv_rows, None),
-            "v_proj": (0, kv_rows, None),
+        q_mask, kv_mask = _unit_mask(p.q_heads, d), _unit_mask(p.kv_heads, d)
+        ch_rows, ch_mask = _rows(p.channels, 1), _unit_mask(p.channels, 1)
+        cuts = {  # module kind -> (axis, kept indices, multiplier of the kept rows/columns)
+            "q_proj": (0, q_rows, q_mask),
+            "k_proj": (0, kv_rows, kv_mask),
+            "v_proj": (0, kv_rows, kv_mask),
             "o_proj": (1, q_rows, p.head_scale.repeat_interleave(d)),
-            "gate_proj": (0, p.channels, None),
-            "up_proj": (0, p.channels, None),
-            "down_proj": (1, p.channels, p.channel_scale),
+            "gate_proj": (0, ch_rows, ch_mask),
+            "up_proj": (0, ch_rows, ch_mask),
+            "down_proj": (1, ch_rows, p.channel_scale),
         }
-        for kind, (axis, idx, scale) in cuts.items():
+        dropped = {"input_layernorm"} if p.attn_no_op else set()
+        dropped |= {"post_attention_layernorm"} if p.ffn_no_op else set()
+        for kind, (axis, idx, mult) in cuts.items():
             module = mods[kind]
             if f"{module}.weight" not in base:
                 raise ExportError(f"{base_dir}: checkpoint lacks {module}.weight; is it a complete model?")
+            if (p.attn_no_op and kind in ATTN) or (p.ffn_no_op and kind in MLP):
+                merger.merged.add(module)  # a no-op block: its adapter goes with it
+                done |= {k for k in (f"{module}.weight", f"{module}.bias") if k in base}
+                continue
             w = merger.weight(module, axis, idx)
-            if scale is not None:
-                w *= scale
+            w *= mult[:, None] if axis == 0 else mult[None, :]
             writer.add(f"{module}.weight", merger.cast(w))
             done.add(f"{module}.weight")
             if f"{module}.bias" in base:
-                bias = base.get(f"{module}.bias")  # o/down biases act after the cut columns: unchanged
-                writer.add(f"{module}.bias", merger.cast(bias[idx] if axis == 0 else bias))
+                bias = base.get(f"{module}.bias").float()  # o/down biases act after the cut columns: unchanged
+                writer.add(f"{module}.bias", merger.cast(bias[idx] * mult if axis == 0 else bias))
                 done.add(f"{module}.bias")
         for key in base:  # norms and whatever else the layer holds
             if key.startswith(prefix) and key not in done:
-                writer.add(key, merger.cast(base.get(key)))
+                if key[len(prefix) :].split(".")[0] not in dropped:
+                    writer.add(key, merger.cast(base.get(key)))
                 done.add(key)
     for key in base:  # embeddings, final norm, lm_head (merged if it was adapted)
         if key not in done:
@@ -531,49 +670,137 @@ def _write_weights(
 # --------------------------------------------------------------------------------------- config, card
 
 
-def compact_config(base_config: Any, plans: list[LayerPlan], head_dim: int, dtype: torch.dtype) -> tuple[Any, str]:
-    """The compact model's config and why it needs custom code ("" when the stock class takes it)."""
-    widths = {(p.num_heads, p.num_kv_heads, p.intermediate_size) for p in plans}
+FORMATS = ("auto", "hf", "nemotron-nas")
+DECILM_BASES = ("llama", "mistral", "qwen2")  # Llama-style decoders that the nemotron-nas layout reproduces
+DECILM_FILES = (configuration_decilm, modeling_decilm)  # shipped in a nemotron-nas export
+# Not Llama fields: the layout has no sliding window (checked), and the rest would only mislead readers.
+_DROPPED_KEYS = ("use_sliding_window", "sliding_window", "max_window_layers", "layer_types")
+
+
+@dataclass(frozen=True)
+class Biases:
+    qkv: bool
+    o: bool
+    mlp: bool
+
+
+def base_biases(base: BaseWeights, layers: list[tuple[str, dict[str, str]]]) -> Biases:
+    mods = layers[0][1]
+    has = {kind: f"{mods[kind]}.bias" in base for kind in ("q_proj", "o_proj", "down_proj")}
+    return Biases(qkv=has["q_proj"], o=has["o_proj"], mlp=has["down_proj"])
+
+
+def _base_data(base_config: Any, head_dim: int, dtype: torch.dtype) -> dict[str, Any]:
     data = base_config.to_dict()
     for key in ("architectures", "auto_map", "transformers_version", "model_type", "_name_or_path"):
         data.pop(key, None)
     data.update(head_dim=head_dim, dtype=str(dtype).removeprefix("torch."))
-    if len(widths) == 1:
-        heads, kv_heads, inter = widths.pop()
-        data.update(num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=inter)
-        try:
-            cfg = type(base_config)(**data)
-            cfg.architectures = base_config.architectures
-            return cfg, ""
-        except (
-            ValueError,
-            TypeError,
-            StrictDataclassError,
-        ) as e:  # e.g. LlamaConfig insists that hidden_size % num_attention_heads == 0
-            reason = f"the stock {type(base_config).__name__} rejects these widths ({str(e).splitlines()[-1].strip()})"
-    else:
-        reason = "layers differ in width"
-    model_type = base_config.model_type
-    if model_type not in modeling_pruned.ARCHITECTURES:
-        raise ExportError(
-            f"{reason}, which needs per-layer modeling code, available for "
-            f"{sorted(modeling_pruned.ARCHITECTURES)} but not {model_type!r}; train with pruning.scope=uniform"
-        )
-    config_cls, model_cls = modeling_pruned.ARCHITECTURES[model_type]
-    cfg = config_cls(
-        **data,
-        base_model_type=model_type,
-        layer_num_attention_heads=[p.num_heads for p in plans],
-        layer_num_key_value_heads=[p.num_kv_heads for p in plans],
-        layer_intermediate_size=[p.intermediate_size for p in plans],
+    return data
+
+
+def stock_config(base_config: Any, served: list[ServedLayer], head_dim: int, dtype: torch.dtype) -> tuple[Any, str]:
+    """The base's own config class at the served widths, or None and why it cannot hold them."""
+    widths = {(p.num_heads, p.num_kv_heads, p.intermediate_size) for p in served}
+    if len(widths) > 1:
+        return None, "layers differ in width"
+    heads, kv_heads, inter = widths.pop()
+    data = _base_data(base_config, head_dim, dtype)
+    data.update(num_attention_heads=heads, num_key_value_heads=kv_heads, intermediate_size=inter)
+    try:
+        cfg = type(base_config)(**data)
+    except (ValueError, TypeError, StrictDataclassError) as e:  # LlamaConfig: hidden_size % num_attention_heads
+        return None, f"the stock {type(base_config).__name__} rejects these widths ({str(e).splitlines()[-1].strip()})"
+    cfg.architectures = base_config.architectures
+    return cfg, ""
+
+
+def decilm_unsupported(run: Run, base: BaseWeights, layers: list[tuple[str, dict[str, str]]]) -> list[str]:
+    """Why the base does not fit the nemotron-nas layout (empty: it does)."""
+    c, problems = run.base_config, []
+    if c.model_type not in DECILM_BASES:
+        problems.append(f"model_type {c.model_type!r} is not one of {list(DECILM_BASES)}")
+    if getattr(c, "sliding_window", None) is not None and getattr(c, "use_sliding_window", True):
+        problems.append(f"sliding_window={c.sliding_window} (the layout has full attention only)")
+    for prefix, mods in layers:
+        known = {f"{m}.{t}" for m in mods.values() for t in ("weight", "bias")}
+        known |= {f"{prefix}input_layernorm.weight", f"{prefix}post_attention_layernorm.weight"}
+        extra = sorted(k for k in base if k.startswith(prefix) and k not in known)
+        if extra:
+            problems.append(f"{extra[:3]} have no place in the layout's decoder layer")
+            break
+    return problems
+
+
+def decilm_config(
+    base_config: Any, served: list[ServedLayer], head_dim: int, dtype: torch.dtype, biases: Biases
+) -> configuration_decilm.DeciLMConfig:
+    """The nemotron-nas config of the served layers: exact ``intermediate_size`` per MLP block
+    (``ffn_mult`` would be rounded up to a multiple of 256 by vLLM and cannot express every width)."""
+    heads = max(p.num_heads for p in served)
+    blocks = []
+    for p in served:
+        attn: dict[str, Any] = {"no_op": p.attn_no_op, "replace_with_linear": False}
+        if not p.attn_no_op:
+            attn["n_heads_in_group"] = p.num_heads // p.num_kv_heads
+        ffn: dict[str, Any] = {"no_op": p.ffn_no_op, "replace_with_linear": False}
+        if not p.ffn_no_op:
+            ffn["intermediate_size"] = p.intermediate_size
+        blocks.append({"attention": attn, "ffn": ffn})
+    data = _base_data(base_config, head_dim, dtype)
+    for key in _DROPPED_KEYS:
+        data.pop(key, None)
+    data.update(
+        num_attention_heads=heads,
+        num_key_value_heads=max(p.num_kv_heads for p in served) or 1,  # an upper bound; blocks say per layer
+        intermediate_size=max(p.intermediate_size for p in served) or 1,
+        qkv_bias=biases.qkv,
+        attention_bias=biases.o,
+        mlp_bias=biases.mlp,
+        block_configs=blocks,
     )
-    module = Path(modeling_pruned.__file__).stem
-    cfg.architectures = [model_cls.__name__]
+    cfg = configuration_decilm.DeciLMConfig(**data)
+    cfg.architectures = [modeling_decilm.DeciLMForCausalLM.__name__]
+    config_module, model_module = (Path(m.__file__).stem for m in DECILM_FILES)
     cfg.auto_map = {
-        "AutoConfig": f"{module}.{config_cls.__name__}",
-        "AutoModelForCausalLM": f"{module}.{model_cls.__name__}",
+        "AutoConfig": f"{config_module}.{configuration_decilm.DeciLMConfig.__name__}",
+        "AutoModelForCausalLM": f"{model_module}.{modeling_decilm.DeciLMForCausalLM.__name__}",
     }
-    return cfg, reason
+    return cfg
+
+
+@dataclass
+class Layout:
+    format: str
+    served: list[ServedLayer]
+    config: Any
+    reason: str  # why the stock architecture was not written ("" when it was)
+
+
+def choose_layout(
+    run: Run, base: BaseWeights, layers: list[tuple[str, dict[str, str]]], plans: list[LayerPlan], fmt: str, dtype
+) -> Layout:
+    """``hf`` when asked for or (``auto``) when the stock config holds the widths, else nemotron-nas."""
+    if fmt not in FORMATS:
+        raise ExportError(f"--format {fmt}: must be one of {', '.join(FORMATS)}")
+    d = run.structure.head_dim
+    reason = ""
+    if fmt in ("auto", "hf"):
+        served = serve_hf(plans)
+        cfg, reason = stock_config(run.base_config, served, d, dtype)
+        if cfg is not None:
+            return Layout("hf", served, cfg, "")
+        if fmt == "hf":
+            raise ExportError(
+                f"--format hf: {reason}, so the stock {run.base_config.model_type} architecture cannot hold this run; "
+                "use --format nemotron-nas (or auto), or train with pruning.scope=uniform"
+            )
+    problems = decilm_unsupported(run, base, layers)
+    if problems:
+        why = f"{reason}, and the nemotron-nas layout does not fit this base: " if reason else "--format nemotron-nas: "
+        raise ExportError(why + "; ".join(problems) + "; train with pruning.scope=uniform and use --format hf")
+    biases = base_biases(base, layers)
+    served = serve_decilm(plans, biases.o, biases.mlp)
+    return Layout("nemotron-nas", served, decilm_config(run.base_config, served, d, dtype, biases), reason)
 
 
 def _fmt(x: Any, spec: str = ".4g") -> str:
@@ -607,30 +834,40 @@ def load_snippet(path: Path, stock: bool, tokenizer: bool) -> str:
     return "\n".join(lines)
 
 
+def serve_snippet(path: Path, stock: bool) -> str:
+    return f"vllm serve {path}" + ("" if stock else " --trust-remote-code")
+
+
 def model_card(run: Run, result: ExportResult, custom_reason: str, tokenizer: bool = True) -> ModelCard:
     s, summ, cfg = run.structure, run.summary, run.cfg
     source = source_record(run.base_dir, str(cfg.model.path))
     base = base_model_id(run.base_dir, str(cfg.model.path))
     rows = "\n".join(
-        f"| {i} | {p.num_heads}/{s.num_heads} | {p.num_kv_heads}/{s.num_kv_heads} | "
-        f"{p.intermediate_size}/{s.intermediate_size} |"
-        for i, p in enumerate(result.plans)
+        f"| {i} | {r.num_heads}/{s.num_heads} | {r.num_kv_heads}/{s.num_kv_heads} | "
+        f"{r.intermediate_size}/{s.intermediate_size} | {p.num_heads} | {p.num_kv_heads} | {p.intermediate_size} |"
+        for i, (r, p) in enumerate(zip(result.plans, result.served, strict=True))
     )
-    removed = result.params_before - result.params_after
+    removed = result.params_before - result.params_real
     arch = (
         f"stock `{run.base_config.model_type}` architecture"
         if result.stock
-        else f"per-layer widths ({custom_reason}): modeling code in `modeling_pruned.py`"
+        else f"Nemotron-NAS (DeciLM) layout ({custom_reason}): modeling code in "
+        + " and ".join(f"`{Path(m.__file__).name}`" for m in DECILM_FILES)
     )
     facts = [
+        ("format", f"`{result.format}`"),
         ("criterion / scope", f"{summ.get('criterion')} / {summ.get('scope')}"),
         (
             "target / achieved sparsity (of prunable params)",
             f"{_fmt(summ.get('target_sparsity'))} / {_fmt(summ.get('achieved_sparsity'))}",
         ),
         (
-            "parameters before / after",
-            f"{result.params_before:,} / {result.params_after:,} (-{removed:,}, {removed / result.params_before:.1%})",
+            "parameters before / real after",
+            f"{result.params_before:,} / {result.params_real:,} (-{removed:,}, {removed / result.params_before:.1%})",
+        ),
+        (
+            "parameters served (zero padding included) / padding FLOPs per token",
+            f"{result.params_after:,} / {result.padding_flops}",
         ),
         ("LoRA", f"r={cfg.lora.r}, alpha={cfg.lora.alpha}, modules {', '.join(cfg.lora.target_modules)}"),
         ("data (train / eval)", f"`{cfg.data.train}` / `{cfg.data.eval}`"),
@@ -675,10 +912,16 @@ during LoRA training on a {cfg.model.quantization} base, then the adapter was me
 
 {table}
 {lm_eval_text}
-Per-layer widths (kept / original):
+Serve it with vLLM:
 
-| layer | query heads | KV heads | MLP channels |
-|---|---|---|---|
+```bash
+{serve_snippet(result.out_dir.resolve(), result.stock)}
+```
+
+Per-layer widths (kept / original, then as served: zero heads added where the layout needs them, 0 = no-op block):
+
+| layer | query heads | KV heads | MLP channels | served query heads | served KV heads | served MLP channels |
+|---|---|---|---|---|---|---|
 {rows}
 """
     return card(data, body)
@@ -734,15 +977,18 @@ def export(
     overwrite: bool = False,
     check: Callable[[Path, ExportResult], None] | None = None,
     log: Callable[[str], None] = print,
+    fmt: str = "auto",
 ) -> ExportResult:
-    """Write the compact model to ``out_dir``; ``check`` (e.g. verification) runs on the staged
-    directory before it is published, so a failed check publishes nothing."""
+    """Write the compact model to ``out_dir`` in ``fmt`` (see FORMATS); ``check`` (e.g. verification)
+    runs on the staged directory before it is published, so a failed check publishes nothing."""
     if merge_into not in ("original", "dequantized"):
         raise ExportError(f"--merge-into {merge_into}: must be original or dequantized")
     out_dir = Path(out_dir)
     base = BaseWeights(run.base_dir)
     dtype = dtype or _base_dtype(base)
     plans = plan(run)
+    layers, quantized = module_names(run.base_config)
+    layout = choose_layout(run, base, layers, plans, fmt, dtype)
     notes = list(run.notes)
     if merge_into == "dequantized" and run.cfg.model.quantization == "none":
         notes.append("the run's base was not quantized: dequantized and original are the same merge")
@@ -750,18 +996,23 @@ def export(
         notes.append(f"model.dtype=auto: NF4 quantization replayed in {run.train_dtype} (as on this machine)")
     padded = sum(p.padding for p in plans)
     if padded:
-        notes.append(f"{padded} pruned unit(s) kept at mask 0 so every kept KV head has the same query heads")
-    layers, quantized = module_names(run.base_config)
+        notes.append(f"{padded} pruned head(s) kept at mask 0 so every kept KV head has the same query heads")
+    biases = base_biases(base, layers)
+    pad = padding_params(layout.served, run.structure, biases.qkv, biases.mlp)
+    zero_q = sum(p.padding[0] for p in layout.served)
     with staged_output(out_dir, overwrite, [run.dir, run.base_dir]) as tmp:
         merger = _Merger(run, base, merge_into, dtype, quantized)
         writer = ShardWriter(tmp, max_shard_bytes)
-        _write_weights(run, layers, plans, merger, writer)
+        _write_weights(run, layers, layout.served, merger, writer)
         writer.close()
-        cfg, reason = compact_config(run.base_config, plans, run.structure.head_dim, dtype)
-        cfg.save_pretrained(tmp)
-        if reason:
-            shutil.copyfile(modeling_pruned.__file__, tmp / Path(modeling_pruned.__file__).name)
-            notes.append(f"{reason}: wrote modeling_pruned.py; load with trust_remote_code=True")
+        layout.config.save_pretrained(tmp)
+        if layout.format == "nemotron-nas":
+            for module in DECILM_FILES:
+                shutil.copyfile(module.__file__, tmp / Path(module.__file__).name)
+            notes.append(
+                f"{layout.reason or '--format nemotron-nas'}: wrote the Nemotron-NAS (DeciLM) layout; load with "
+                "trust_remote_code=True (vLLM: --trust-remote-code)"
+            )
         if (run.base_dir / "generation_config.json").is_file():
             shutil.copyfile(run.base_dir / "generation_config.json", tmp / "generation_config.json")
         tokenizer = True
@@ -770,8 +1021,21 @@ def export(
         except (OSError, ValueError) as e:
             tokenizer = False
             notes.append(f"no tokenizer written ({e}); copy it from {run.base_dir}")
-        result = ExportResult(out_dir, not reason, base.numel(), writer.numel, plans, dtype, merge_into, notes)
-        model_card(run, result, reason, tokenizer).save(tmp / "README.md")
+        result = ExportResult(
+            out_dir,
+            layout.format,
+            base.numel(),
+            writer.numel,
+            plans,
+            layout.served,
+            dtype,
+            merge_into,
+            padding_params=pad,
+            zero_query_heads=zero_q,
+            head_dim=run.structure.head_dim,
+            notes=notes,
+        )
+        model_card(run, result, layout.reason, tokenizer).save(tmp / "README.md")
         for note in notes:
             log(f"note: {note}")
         if check is not None:

@@ -14,8 +14,23 @@ from .config import ConfigError, PruningConfig
 from .importance import FullGradients, ScoreLayout, module_refs, module_scores
 from .masks import Masks
 from .schedule import CubicSchedule
-from .selection import decide
-from .structure import Structure
+from .selection import WidthRules, decide, width_rule_problems
+from .structure import Structure, StructureError
+
+
+def width_rules(s: Structure, p: PruningConfig) -> WidthRules:
+    head, channel = s.params_per_head_unit, s.params_per_channel
+    return WidthRules(p.round_to, p.kv_heads_multiple_of, p.target_sparsity, head, channel)
+
+
+def check_width_rules(s: Structure, p: PruningConfig) -> None:
+    """Refuses serving constraints the model cannot meet at the target (before training starts)."""
+    problems = width_rule_problems(
+        s.num_kv_heads, s.intermediate_size, width_rules(s, p), p.scope, s.head_unit, p.max_layer_sparsity
+    )
+    if problems:
+        raise StructureError("; ".join(problems))
+
 
 _SCORED_BY = (("heads", ("q_proj", "k_proj", "v_proj", "o_proj")), ("channels", ("gate_proj", "up_proj", "down_proj")))
 
@@ -107,6 +122,7 @@ class Pruner:
             self.p.scope,
             self.p.max_layer_sparsity,
             groups,
+            width_rules(self.s, self.p),
         )
         self.masks.set_units(keep_h, keep_c)
         D.verify_identical([self.masks.heads, self.masks.channels], "masks")

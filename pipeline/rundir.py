@@ -197,7 +197,9 @@ EXPORT_FILES = (
     "config.json",
     "generation_config.json",
     "README.md",
-    "modeling_pruned.py",
+    "modeling_pruned.py",  # exports before the nemotron-nas layout
+    "configuration_decilm.py",
+    "modeling_decilm.py",
     "*.safetensors",
     "model.safetensors.index.json",
     "tokenizer*",

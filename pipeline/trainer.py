@@ -44,7 +44,7 @@ from .masks import Masks
 from .model_loading import load_model, load_tokenizer, model_config
 from .model_source import ModelError, resolve_model_dir, source_record
 from .perf import StepPerf
-from .pruner import Pruner, check_lora_coverage, check_reachable
+from .pruner import Pruner, check_lora_coverage, check_reachable, check_width_rules
 from .rank_pruning import RankPruner
 from .rundir import OutputLock, prepare_output, promote
 from .stops import AFTER_LOOP, EXIT_PREEMPTED, STOP_SIGNALS, RunStopped, stop_outside_the_loop
@@ -124,7 +124,9 @@ class Trainer:
         # model.path may be a GGUF file or a cached repo id; everything below reads one local directory.
         self.model_dir = resolve_model_dir(cfg.model.path)
         base_config = model_config(self.model_dir)
-        check_reachable(structure_from_config(base_config, cfg.pruning.head_unit), cfg.pruning)
+        structure = structure_from_config(base_config, cfg.pruning.head_unit)
+        check_reachable(structure, cfg.pruning)
+        check_width_rules(structure, cfg.pruning)
         check_layout(base_config)
         check_lora_coverage(cfg.pruning.criterion, {m.rsplit(".", 1)[-1] for m in cfg.lora.target_modules})
         self.teacher_dir = self._check_teacher(base_config)

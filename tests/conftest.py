@@ -55,7 +55,7 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _config(arch: str):
+def _config(arch: str, head_dim: int = 8):
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(
@@ -65,7 +65,7 @@ def _config(arch: str):
         num_hidden_layers=2,
         num_attention_heads=8,
         num_key_value_heads=4,
-        head_dim=8,
+        head_dim=head_dim,
         max_position_embeddings=256,
         tie_word_embeddings=False,
         bos_token_id=0,
@@ -83,24 +83,26 @@ def _config(arch: str):
 
 @pytest.fixture(scope="session")
 def make_model(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path):
-    """Builds (once per arch) a tiny random model dir with weights of a real scale and the tokenizer."""
+    """Builds (once per arch) a tiny random model dir with weights of a real scale and the tokenizer;
+    ``head_dim`` 32 gives a model that vLLM's CPU attention runs (it has no kernel for 8)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     cache: dict[str, Path] = {}
 
-    def make(arch: str = "llama") -> Path:
-        if arch not in cache:
+    def make(arch: str = "llama", head_dim: int = 8) -> Path:
+        key = f"{arch}-hd{head_dim}"
+        if key not in cache:
             torch.manual_seed(0)
-            model = AutoModelForCausalLM.from_config(_config(arch), dtype=torch.float32)
+            model = AutoModelForCausalLM.from_config(_config(arch, head_dim), dtype=torch.float32)
             if arch == "qwen2":  # non-zero biases so that bias handling is exercised
                 for name, p in model.named_parameters():
                     if name.endswith("bias"):
                         torch.nn.init.normal_(p, std=0.02)
-            out = tmp_path_factory.mktemp(f"model-{arch}")
+            out = tmp_path_factory.mktemp(f"model-{key}")
             model.save_pretrained(out, safe_serialization=True)
             AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(out)
-            cache[arch] = out
-        return cache[arch]
+            cache[key] = out
+        return cache[key]
 
     return make
 

@@ -24,7 +24,16 @@ from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
 from pipeline.checkpoint import RUN_CONFIG
 from pipeline.config import InputError, config_from_dict, save_config
-from pipeline.export import ExportError, export, load_run, module_names, nf4_roundtrip, plan_layer
+from pipeline.export import (
+    ExportError,
+    export,
+    load_run,
+    module_names,
+    nf4_roundtrip,
+    plan_layer,
+    serve_decilm,
+    serve_hf,
+)
 from pipeline.export_verify import VerifyError, compare, load_masked_model, logits, sample_inputs, verify
 from pipeline.masks import Masks
 from pipeline.structure import structure_from_config
@@ -163,11 +172,25 @@ def test_compact_equals_masked_model(make_model, tmp_path, arch, quant, masks, l
     scope, _, heads, channels = MASKS[masks]
     custom = scope == "global" or (masks == "uniform_6heads" and arch == "llama")
     config = json.loads((out / "config.json").read_text())
-    assert result.stock == (not custom) and (out / "modeling_pruned.py").is_file() == custom
+    assert result.format == ("nemotron-nas" if custom else "hf")
+    assert all((out / f).is_file() == custom for f in ("configuration_decilm.py", "modeling_decilm.py"))
     assert ("auto_map" in config) == custom and config["head_dim"] == D
+    if custom:  # the layout's contract: one query-head count, per-layer KV groups and exact MLP widths
+        assert config["model_type"] == "nemotron-nas" and config["architectures"] == ["DeciLMForCausalLM"]
+        blocks = config["block_configs"]
+        heads_served = [b["attention"].get("n_heads_in_group") for b in blocks]
+        assert [config["num_attention_heads"] // g if g else 0 for g in heads_served] == result.widths[
+            "num_key_value_heads"
+        ]
+        assert [b["ffn"].get("intermediate_size", 0) for b in blocks] == result.widths["intermediate_size"]
+        assert all("ffn_mult" not in b["ffn"] for b in blocks)
+        assert config["qkv_bias"] == (arch == "qwen2") and config["attention_bias"] is False
     compact = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=custom).eval()
     if not custom:
         assert type(compact).__module__.startswith("transformers.models.")  # stock, no remote code
+    else:  # Qwen2: q/k/v biases survive, o_proj has none (as in the base)
+        attn = next(layer.self_attn for layer in compact.model.layers if not layer.attn_no_op)
+        assert (attn.q_proj.bias is not None) == (arch == "qwen2") and attn.o_proj.bias is None
 
     masked, _masks = load_masked_model(run)
     x = sample_inputs(run, n=2, seq_len=32, log=lambda _: None)
@@ -175,19 +198,21 @@ def test_compact_equals_masked_model(make_model, tmp_path, arch, quant, masks, l
     assert diff.rel <= 1e-4 and diff.top1 == 1.0, diff
 
     layers = compact.model.layers
-    assert [layer.self_attn.q_proj.out_features // D for layer in layers] == result.widths["num_attention_heads"]
-    assert [layer.mlp.down_proj.in_features for layer in layers] == result.widths["intermediate_size"]
+    q_out = [0 if getattr(lay, "attn_no_op", False) else lay.self_attn.q_proj.out_features // D for lay in layers]
+    mlp_in = [0 if getattr(lay, "ffn_no_op", False) else lay.mlp.down_proj.in_features for lay in layers]
+    assert q_out == result.widths["num_attention_heads"] and mlp_in == result.widths["intermediate_size"]
     base_params = n_params(AutoModelForCausalLM.from_pretrained(model_dir))
     assert n_params(compact) == result.params_after
     if masks != "odd":
-        assert n_params(compact) == expected_params(base_params, heads, channels, bias=arch == "qwen2")
-        assert base_params - n_params(compact) == run.summary["pruned_params"]
-    else:  # padded: group 1 keeps 2 query heads (one at mask 0), layer 1 keeps 1 channel (at mask 0)
+        assert result.params_real == expected_params(base_params, heads, channels, bias=arch == "qwen2")
+        assert base_params - result.params_real == run.summary["pruned_params"]
+    else:  # layer 0: group 1 keeps 2 query heads (one at mask 0), both groups padded to 4; layer 1: MLP no-op
         assert result.widths == {
-            "num_attention_heads": [4, 8],
+            "num_attention_heads": [8, 8],
             "num_key_value_heads": [2, 4],
-            "intermediate_size": [50, 1],
+            "intermediate_size": [50, 0],
         }
+        assert result.padding_params == 5 * 2 * D * HIDDEN  # 4 zero query heads + the one at mask 0
 
 
 def test_original_equals_dequantized_without_quantization(make_model, tmp_path):
@@ -216,31 +241,40 @@ def test_sharded_base_and_half_precision_output(make_model, tmp_path):
     assert model.dtype == torch.bfloat16
 
 
-def test_per_layer_model_from_config_generates_with_static_cache():
-    from pipeline.modeling_pruned import PrunedQwen2Config, PrunedQwen2ForCausalLM
+def test_decilm_model_from_config_generates_with_no_op_blocks():
+    """A no-op first attention block: the cache slots follow the attention blocks, so generating with
+    the cache gives the same tokens as recomputing every step without it."""
+    from pipeline.configuration_decilm import DeciLMConfig
+    from pipeline.modeling_decilm import DeciLMForCausalLM
 
-    cfg = PrunedQwen2Config(
+    def block(g, inter):
+        attn = {"no_op": g is None, "replace_with_linear": False} | ({"n_heads_in_group": g} if g else {})
+        ffn = {"no_op": inter is None, "replace_with_linear": False} | ({"intermediate_size": inter} if inter else {})
+        return {"attention": attn, "ffn": ffn}
+
+    cfg = DeciLMConfig(
         vocab_size=64,
         hidden_size=32,
         intermediate_size=48,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        num_hidden_layers=4,
+        num_attention_heads=6,  # does not divide hidden_size: head_dim is given
         head_dim=8,
-        layer_num_attention_heads=[2, 4, 1],
-        layer_num_key_value_heads=[1, 2, 1],
-        layer_intermediate_size=[5, 48, 1],
+        qkv_bias=True,
+        block_configs=[block(None, 5), block(3, None), block(6, 48), block(1, 7)],
     )
     torch.manual_seed(0)
-    model = PrunedQwen2ForCausalLM(cfg).eval()
-    shapes = [(m.self_attn.k_proj.out_features, m.mlp.up_proj.out_features) for m in model.model.layers]
-    assert shapes == [(8, 5), (16, 48), (8, 1)] and cfg.num_attention_heads == 4
+    model = DeciLMForCausalLM(cfg).eval()
+    layers = model.model.layers
+    assert not hasattr(layers[0], "self_attn") and not hasattr(layers[1], "mlp")
+    kv = [lay.self_attn.k_proj.out_features // 8 for lay in layers[1:]]
+    assert kv == [2, 1, 6] and [lay.self_attn.layer_idx for lay in layers[1:]] == [0, 1, 2]
+    assert layers[1].self_attn.q_proj.bias is not None and layers[1].self_attn.o_proj.bias is None
     x = torch.randint(0, 64, (1, 5))
-    dynamic = model.generate(x, max_new_tokens=4, do_sample=False)
-    static = model.generate(x, max_new_tokens=4, do_sample=False, cache_implementation="static")
-    assert torch.equal(dynamic, static)
-    with pytest.raises(ValueError, match="not a multiple"):
-        PrunedQwen2Config(num_hidden_layers=1, layer_num_attention_heads=[3], layer_num_key_value_heads=[2])
+    cached = model.generate(x, max_new_tokens=6, do_sample=False)
+    uncached = model.generate(x, max_new_tokens=6, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+    with pytest.raises(ValueError, match="n_heads_in_group=4 does not divide 6"):
+        DeciLMConfig(num_hidden_layers=1, num_attention_heads=6, head_dim=8, block_configs=[block(4, 5)])
 
 
 @pytest.mark.parametrize(("dtype", "double_quant"), [(torch.float32, True), (torch.bfloat16, False)])
@@ -267,16 +301,41 @@ def test_plan_pads_uneven_groups_and_empty_layers():
     assert p.q_heads.tolist() == [0, 1, 2, 3] and p.kv_heads.tolist() == [0, 1]
     assert p.head_scale.tolist() == [1, 0, 1, 1] and p.channels.tolist() == [1, 3] and p.padding == 1
     empty = plan_layer(torch.zeros(8), torch.zeros(4), heads_per_group=2)
-    assert (empty.num_heads, empty.num_kv_heads, empty.intermediate_size, empty.padding) == (1, 1, 1, 2)
-    assert empty.head_scale.tolist() == [0] and empty.channel_scale.tolist() == [0]
+    assert (empty.num_heads, empty.num_kv_heads, empty.intermediate_size, empty.padding) == (0, 0, 0, 0)
+    # Served: nemotron-nas pads to the widest layer's query heads; a fully pruned block is a no-op,
+    # except attention in the first layer (vLLM needs it there) and blocks whose bias would be lost.
+    served = serve_decilm([empty, p, empty], o_bias=False, mlp_bias=False)
+    assert [(s.num_heads, s.num_kv_heads, s.intermediate_size) for s in served] == [(4, 1, 0), (4, 2, 2), (0, 0, 0)]
+    assert served[0].q_heads.tolist() == [-1] * 4 and served[0].padding == (4, 1, 0)
+    biased = serve_decilm([p, empty], o_bias=True, mlp_bias=True)[1]
+    assert (biased.num_heads, biased.num_kv_heads, biased.channels.tolist()) == (4, 1, [-1])
+    hf = serve_hf([empty])[0]
+    assert (hf.num_heads, hf.num_kv_heads, hf.intermediate_size, hf.padding) == (1, 1, 1, (1, 1, 1))
 
 
-def test_modeling_code_imports_only_torch_and_transformers():
-    tree = ast.parse((ROOT / "pipeline" / "modeling_pruned.py").read_text())
+@pytest.mark.parametrize("name", ["configuration_decilm.py", "modeling_decilm.py"])
+def test_modeling_code_imports_only_torch_and_transformers(name):
+    tree = ast.parse((ROOT / "pipeline" / name).read_text())
     roots = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     roots |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0}
-    assert roots <= {"__future__", "collections", "dataclasses", "typing", "torch", "transformers"}, roots
-    assert not any(isinstance(n, ast.ImportFrom) and n.level for n in ast.walk(tree))  # no relative imports
+    assert roots <= {"__future__", "typing", "torch", "transformers"}, roots
+    relative = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level}
+    assert relative <= {"configuration_decilm"}  # the one sibling file that ships with it
+
+
+def test_format_flag(make_model, tmp_path, capsys):
+    run = make_run(tmp_path, make_model("llama"), "global_kv", "none")
+    assert _compact(run, tmp_path / "hf", "--format", "hf") == 2
+    err = capsys.readouterr().err
+    assert "--format hf: layers differ in width" in err and "--format nemotron-nas" in err
+    uniform = make_run(tmp_path, make_model("llama"), "uniform_kv", "none")
+    assert _compact(uniform, tmp_path / "nas", "--format", "nemotron-nas") == 0
+    config = json.loads((tmp_path / "nas" / "config.json").read_text())
+    assert config["model_type"] == "nemotron-nas" and len(config["block_configs"]) == 2
+    out = capsys.readouterr().out
+    assert "padding: 0 params" in out and "Nemotron-NAS layout" in out
+    assert _compact(uniform, tmp_path / "x", "--format", "gguf") == 2
+    assert "--format gguf: must be one of auto, hf, nemotron-nas" in capsys.readouterr().err
 
 
 def test_verify_reports_and_gates(make_model, tmp_path):
@@ -412,7 +471,34 @@ def test_real_pipeline_run_compacts_and_verifies(make_model, tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     assert "compact vs masked logits" in proc.stdout and "forward tokens/s" in proc.stdout
-    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=(out / "modeling_pruned.py").exists())
+    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=(out / "modeling_decilm.py").exists())
     base = AutoModelForCausalLM.from_pretrained(make_model("qwen2"))
-    assert n_params(base) - n_params(model) == summary["pruned_params"]
+    real = int(re.search(r"-> ([\d,]+) real", proc.stdout)[1].replace(",", ""))
+    assert n_params(base) - real == summary["pruned_params"] and n_params(model) >= real
     assert "## Verification" in (out / "README.md").read_text()
+
+
+def test_width_rules_give_a_padding_free_export(make_model, tmp_path):
+    """pruning.round_to and pruning.kv_heads_multiple_of on a real run: every layer keeps the same
+    KV heads (so the nemotron-nas export has no zero heads) and a multiple of 16 channels."""
+    model_dir = make_model("qwen2")
+    run = tmp_path / "run"
+    rules = {"target_sparsity": 0.4, "round_to": 16, "kv_heads_multiple_of": 2}
+    proc = run_pipeline(write_config(tmp_path / "cfg.yaml", model_dir, run, pruning=rules))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summary = read_summary(run)
+    assert len(set(summary["kept_kv_heads_per_layer"])) == 1 and summary["kept_kv_heads_per_layer"][0] % 2 == 0
+    assert all(c % 16 == 0 or c == INTER for c in summary["kept_channels_per_layer"])
+    result = export(load_run(run), tmp_path / "compact", merge_into="dequantized", log=lambda _: None)
+    assert result.padding_params == 0 and result.params_real == result.params_after
+    # Infeasible at the target: refused before training, naming the key.
+    refused = run_pipeline(
+        write_config(
+            tmp_path / "bad.yaml",
+            model_dir,
+            tmp_path / "bad",
+            pruning={"target_sparsity": 0.8, "kv_heads_multiple_of": 4},
+        )
+    )
+    assert refused.returncode == 2 and "pruning.kv_heads_multiple_of=4: every layer keeps 4 of 4" in refused.stderr
+    assert not (tmp_path / "bad" / "summary.json").exists()

@@ -1,6 +1,7 @@
+import pytest
 import torch
 
-from pipeline.selection import decide, select_global, select_uniform
+from pipeline.selection import WidthRules, decide, select_global, select_uniform, width_rule_problems
 
 
 def test_global_counts_and_never_resurrects():
@@ -41,3 +42,70 @@ def test_decide_is_deterministic_on_ties():
     a = decide(zeros, zeros, zeros.bool().logical_not(), zeros.bool().logical_not(), 0.5, "global", 0.9)
     b = decide(zeros.clone(), zeros.clone(), zeros.bool().logical_not(), zeros.bool().logical_not(), 0.5, "global", 0.9)
     assert all(torch.equal(x, y) for x, y in zip(a, b, strict=False))
+
+
+# ------------------------------------------------------------------------------ serving width rules
+
+L, K, HPG, INTER, HID, D = 6, 4, 2, 768, 256, 32  # the shared vimdoc model's shapes
+P_HEAD, P_CH = HPG * D * HID * 2 + 2 * D * HID, 3 * HID
+
+
+def _ramp(rules, scope="global", steps=(0.1, 0.25, 0.4, 0.5)):
+    """Decisions along a schedule ending at rules.target, on fresh random scores each time."""
+    g = torch.Generator().manual_seed(0)
+    h_alive, c_alive = torch.ones(L, K, dtype=torch.bool), torch.ones(L, INTER, dtype=torch.bool)
+    for f in steps:
+        hs, cs = (
+            torch.rand(L, K, generator=g, dtype=torch.float64),
+            torch.rand(L, INTER, generator=g, dtype=torch.float64),
+        )
+        keep_h, keep_c = decide(hs, cs, h_alive, c_alive, f, scope, 0.9, 1, rules)
+        assert not (keep_h & ~h_alive).any() and not (keep_c & ~c_alive).any()  # nothing comes back
+        h_alive, c_alive = keep_h, keep_c
+    return h_alive, c_alive
+
+
+def _pruned_fraction(h_alive, c_alive):
+    pruned = (~h_alive).sum().item() * P_HEAD + (~c_alive).sum().item() * P_CH
+    return pruned / (L * (K * P_HEAD + INTER * P_CH))
+
+
+@pytest.mark.parametrize("scope", ["global", "uniform"])
+@pytest.mark.parametrize(("round_to", "multiple"), [(64, 0), (100, 0), (1, 2), (64, 4), (128, 1)])
+def test_width_rules_are_honoured_and_reach_the_target(scope, round_to, multiple):
+    rules = WidthRules(round_to, multiple, 0.5, P_HEAD, P_CH)
+    h_alive, c_alive = _ramp(rules, scope)
+    kept_ch = c_alive.sum(-1)
+    assert ((kept_ch % round_to == 0) | (kept_ch == INTER)).all(), kept_ch
+    kept_kv = h_alive.sum(-1)
+    if multiple:
+        assert kept_kv.unique().numel() == 1 and kept_kv[0] % multiple == 0, kept_kv
+    # Within one rounding unit (a block of channels in every layer for uniform, one block for global).
+    unit = round_to * P_CH * (L if scope == "uniform" else 1) / (L * (K * P_HEAD + INTER * P_CH))
+    assert abs(_pruned_fraction(h_alive, c_alive) - 0.5) <= unit + 1e-9, (_pruned_fraction(h_alive, c_alive), unit)
+
+
+def test_kv_multiple_of_all_heads_moves_the_cut_to_the_mlp():
+    rules = WidthRules(1, 4, 0.5, P_HEAD, P_CH)
+    h_alive, c_alive = _ramp(rules)
+    assert h_alive.all() and abs(_pruned_fraction(h_alive, c_alive) - 0.5) < 1e-4
+
+
+def test_infeasible_width_rules_are_named():
+    rules = WidthRules(1, 4, 0.7, P_HEAD, P_CH)  # all heads kept: 0.7 needs > 90% of the channels
+    (msg,) = width_rule_problems(K, INTER, rules, "global", "kv_group", 0.9)
+    assert msg.startswith("pruning.kv_heads_multiple_of=4: every layer keeps 4 of 4 KV heads") and "channels" in msg
+    assert width_rule_problems(K, INTER, WidthRules(1, 2, 0.7, P_HEAD, P_CH), "global", "kv_group", 0.9) == []
+    assert (
+        "exceeds the model's intermediate_size"
+        in width_rule_problems(K, 64, WidthRules(128), "global", "kv_group", 0.9)[0]
+    )
+    assert "not a multiple of 3" in width_rule_problems(K, INTER, WidthRules(1, 3, 0.5), "uniform", "query", 0.9)[0]
+
+
+def test_global_blocks_keep_a_prefix_of_the_best():
+    scores = torch.arange(20, dtype=torch.float64).view(2, 10)  # layer 0 holds the lowest scores
+    keep = select_global(scores, torch.ones(2, 10, dtype=torch.bool), 0.4, 0.9, round_to=4)
+    # Blocks per layer: its worst 10 % 4 = 2 units, then 4 more. 8 to cut: layer 0's two blocks (its
+    # 6 worst), then layer 1's first; each layer keeps a multiple of 4.
+    assert keep.sum(-1).tolist() == [4, 8] and keep[0].tolist() == [False] * 6 + [True] * 4

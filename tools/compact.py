@@ -1,7 +1,12 @@
 """Compact a finished run into a smaller Hugging Face model: merge the LoRA adapter, cut pruned units.
 
 python tools/compact.py --run RUN_DIR --out COMPACT_DIR [--base MODEL_PATH]
-    [--merge-into original|dequantized] [--dtype bf16|fp16|fp32] [--verify] [--overwrite]
+    [--format auto|hf|nemotron-nas] [--merge-into original|dequantized] [--dtype bf16|fp16|fp32] [--verify]
+    [--overwrite]
+
+--format hf writes the base's stock architecture (refused when the run's widths do not fit it);
+nemotron-nas writes the Nemotron-NAS (DeciLM) layout, per-layer widths that vLLM serves natively
+and transformers loads with trust_remote_code; auto (default) writes hf when it can, else nemotron-nas.
 
 --merge-into original (default) merges the adapter into the full-precision base; dequantized merges
 it into the NF4-dequantized base the adapter was trained against, which reproduces the masked model
@@ -38,6 +43,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--run", required=True, help="run directory (output.dir of a finished run)")
     ap.add_argument("--out", required=True, help="directory to write the compact model to")
     ap.add_argument("--base", default=None, help="base model directory (default: model.path recorded in the run)")
+    ap.add_argument("--format", default="auto", help="auto (default), hf or nemotron-nas")
     ap.add_argument("--merge-into", choices=("original", "dequantized"), default="original")
     ap.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default=None, help="default: the base's dtype")
     ap.add_argument("--max-shard-size", type=_size, default="2GB", help="e.g. 500MB, 2GB (default 2GB)")
@@ -81,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
             max_shard_bytes=args.max_shard_size,
             overwrite=args.overwrite,
             check=check if args.verify else None,
+            fmt=args.format,
         )
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -92,14 +99,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"stopped: {e}", file=sys.stderr)
         return e.exit_code
     w = result.widths
-    kind = "stock architecture" if result.stock else "per-layer widths (trust_remote_code=True)"
-    print(
-        f"wrote {result.out_dir}: {kind}, {str(result.dtype).removeprefix('torch.')}, merged into {result.merge_into}"
-    )
-    before, after = result.params_before, result.params_after
-    print(f"parameters: {before:,} -> {after:,} ({after / before:.1%})")
-    print(f"per layer: heads {w['num_attention_heads']}, KV heads {w['num_key_value_heads']}")
-    print(f"per layer: MLP channels {w['intermediate_size']}")
+    kind = "stock architecture" if result.stock else "Nemotron-NAS layout (trust_remote_code=True)"
+    dtype = str(result.dtype).removeprefix("torch.")
+    print(f"wrote {result.out_dir}: {kind}, {dtype}, merged into {result.merge_into}")
+    before, real, served = result.params_before, result.params_real, result.params_after
+    print(f"parameters: {before:,} -> {real:,} real ({real / before:.1%}), {served:,} served")
+    print(f"padding: {result.padding_params:,} params, FLOPs per token {result.padding_flops}")
+    print(f"per layer (served, 0 = no-op): heads {w['num_attention_heads']}, KV heads {w['num_key_value_heads']}")
+    print(f"per layer (served, 0 = no-op): MLP channels {w['intermediate_size']}")
     return 0
 
 
