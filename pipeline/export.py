@@ -283,16 +283,12 @@ def load_run(run_dir: str | Path, base: str | Path | None = None) -> Run:
 # ----------------------------------------------------------------------------------------------- plan
 
 
-@dataclass(frozen=True)
-class LayerPlan:
-    """What one decoder layer keeps, as indices into the original projections (empty: all pruned)."""
+class _Widths:
+    """Widths of a layer plan from its index tensors."""
 
-    q_heads: torch.Tensor  # kept query heads, ordered by KV head, the same count per kept KV head
+    q_heads: torch.Tensor
     kv_heads: torch.Tensor
     channels: torch.Tensor
-    head_scale: torch.Tensor  # mask value per kept query head: folded into the o_proj columns
-    channel_scale: torch.Tensor  # mask value per kept channel: folded into the down_proj columns
-    padding: int  # pruned query heads kept at mask 0 so that every kept KV head has the same count
 
     @property
     def num_heads(self) -> int:
@@ -305,6 +301,18 @@ class LayerPlan:
     @property
     def intermediate_size(self) -> int:
         return len(self.channels)
+
+
+@dataclass(frozen=True)
+class LayerPlan(_Widths):
+    """What one decoder layer keeps, as indices into the original projections (empty: all pruned)."""
+
+    q_heads: torch.Tensor  # kept query heads, ordered by KV head, the same count per kept KV head
+    kv_heads: torch.Tensor
+    channels: torch.Tensor
+    head_scale: torch.Tensor  # mask value per kept query head: folded into the o_proj columns
+    channel_scale: torch.Tensor  # mask value per kept channel: folded into the down_proj columns
+    padding: int  # pruned query heads kept at mask 0 so that every kept KV head has the same count
 
 
 def plan_layer(heads: torch.Tensor, channels: torch.Tensor, heads_per_group: int) -> LayerPlan:
@@ -336,7 +344,7 @@ def plan(run: Run) -> list[LayerPlan]:
 
 
 @dataclass(frozen=True)
-class ServedLayer:
+class ServedLayer(_Widths):
     """One layer as written: indices into the base projections, -1 for a zero unit (zero q/k/v rows,
     zero o/down columns: exact). Query heads come grouped by KV head, ``num_heads // num_kv_heads``
     per group. No heads (channels) at all: the attention (MLP) block is a no-op."""
@@ -346,18 +354,6 @@ class ServedLayer:
     head_scale: torch.Tensor  # per query head; 0 for a zero head and for a pruned head kept at mask 0
     channels: torch.Tensor
     channel_scale: torch.Tensor
-
-    @property
-    def num_heads(self) -> int:
-        return len(self.q_heads)
-
-    @property
-    def num_kv_heads(self) -> int:
-        return len(self.kv_heads)
-
-    @property
-    def intermediate_size(self) -> int:
-        return len(self.channels)
 
     @property
     def attn_no_op(self) -> bool:

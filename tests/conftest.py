@@ -155,3 +155,17 @@ def run_pipeline(config: Path, *overrides: str, ranks: int = 1, timeout: int = 6
 
 def read_summary(out_dir: Path) -> dict:
     return json.loads((out_dir / "summary.json").read_text())
+
+
+@pytest.fixture
+def restore_env():
+    """The pipeline's launch discovery writes RANK/MASTER_PORT... into os.environ; undo it."""
+    saved = dict(os.environ)
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+
+
+def file_tree(root: Path) -> dict[str, bytes]:
+    """Every file below ``root`` with its bytes: equal trees mean nothing was written or lost."""
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -86,14 +85,6 @@ def test_remote_code_only_when_the_model_has_it(make_model, tmp_path, evaluate_t
     conf["auto_map"] = {"AutoModelForCausalLM": "modeling_pruned.PrunedForCausalLM"}
     (custom / "config.json").write_text(json.dumps(conf))
     assert evaluate_tool.needs_remote_code(custom)
-
-
-@pytest.fixture
-def restore_env():
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 def test_run_refuses_before_loading(make_model, tmp_path, restore_env, capsys):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, free_port, read_summary, run_pipeline, write_config
+from conftest import ROOT, file_tree, free_port, read_summary, run_pipeline, write_config
 from safetensors.torch import load_file
 
 from pipeline.checkpoint import verify
@@ -174,31 +174,18 @@ def test_nan_steps_are_skipped_then_the_run_stops(make_model, tmp_path):
 
 def test_a_finished_run_is_never_overwritten(reference):
     _, ref = reference
-    before = _tree(ref)
+    before = file_tree(ref)
     proc = _run(ref.parent / "ref.yaml", ranks=1)
     assert (
         proc.returncode == 2
         and "already holds a finished run" in proc.stderr
         and "output.overwrite=true" in proc.stderr
     )
-    assert _tree(ref) == before
+    assert file_tree(ref) == before
 
 
 # ---------------------------------------------------------------------------------------------
 # Bad input: a clear message naming the key or file, before any heavy work, and nothing written.
-
-
-@pytest.fixture
-def restore_env():
-    """The pipeline's launch discovery writes RANK/MASTER_PORT... into os.environ; undo it."""
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-
-
-def _tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 def _earlier_run(out: Path, finished: bool) -> None:
@@ -256,23 +243,23 @@ def test_bad_input_is_refused_clearly_and_earlier_outputs_survive(make_model, tm
     model = make_model("llama")
     out = tmp_path / "out"
     _earlier_run(out, finished=True)
-    before = _tree(out)
+    before = file_tree(out)
     cfg = write_config(tmp_path / "c.yaml", model, out, output={"dir": str(out), "overwrite": True})
     for override, _, message in _bad_inputs(tmp_path, model):
         assert main(["--config", str(cfg), override]) == 2, override
         err = capsys.readouterr().err
         assert message in err, f"{override}: {err[-2000:]}"
-        assert _tree(out) == before, f"{override} touched {out}"
+        assert file_tree(out) == before, f"{override} touched {out}"
 
     # An unfinished run's checkpoints are not started over by accident.
     unfinished = tmp_path / "unfinished"
     _earlier_run(unfinished, finished=False)
-    before = _tree(unfinished)
+    before = file_tree(unfinished)
     cfg = write_config(tmp_path / "u.yaml", model, unfinished)
     assert main(["--config", str(cfg), "train.resume=none"]) == 2
     err = capsys.readouterr().err
     assert "holds checkpoints of an unfinished run (newest: step-00000002)" in err and "train.resume=auto" in err
-    assert _tree(unfinished) == before
+    assert file_tree(unfinished) == before
 
 
 def _fake_checkpoint(root: Path, step: int) -> Path:

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import DEMO_TEXT, read_summary, run_pipeline, write_config
+from conftest import DEMO_TEXT, file_tree, read_summary, run_pipeline, write_config
 from safetensors.torch import load_file, save_file
 
 from pipeline.checkpoint import (
@@ -41,18 +41,6 @@ def _strict(text: str) -> object:
         raise ValueError(f"non-standard JSON constant {c}")
 
     return json.loads(text, parse_constant=bad)
-
-
-@pytest.fixture
-def restore_env():
-    saved = dict(os.environ)
-    yield
-    os.environ.clear()
-    os.environ.update(saved)
-
-
-def _tree(root: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 # ------------------------------------------------------------------------------------------ config
@@ -126,11 +114,11 @@ def test_a_run_into_a_locked_output_dir_is_refused(make_model, tmp_path, restore
     out = tmp_path / "busy"
     lock = OutputLock.acquire(out)  # this process: alive, as a running run's would be
     (out / "train_log.jsonl").write_text('{"step": 1}\n')
-    before = _tree(out)
+    before = file_tree(out)
     cfg = write_config(tmp_path / "c.yaml", make_model("llama"), out)
     assert main(["--config", str(cfg)]) == 2
     assert "is in use by another run" in capsys.readouterr().err
-    assert _tree(out) == before
+    assert file_tree(out) == before
     lock.release()
 
 
@@ -309,12 +297,12 @@ def test_overwrite_keeps_the_finished_run_until_the_new_one_finishes(make_model,
     assert "target_sparsity: 0.3" in (exp / RUN_CONFIG).read_text()
     summary = read_summary(exp)
     assert _strict((exp / "summary.json").read_text()) and summary["fingerprints"]["base"]
-    finished = _tree(exp)
+    finished = file_tree(exp)
 
     # A replacing run that stops (NaN, exit 3) leaves the finished run whole and compactable.
     proc = _env_run(cfg, "output.overwrite=true", "train.max_bad_steps=1", faults="nan@3")
     assert proc.returncode == 3, proc.stderr[-3000:]
-    assert {k: v for k, v in _tree(exp).items() if not k.startswith(".incoming/")} == finished
+    assert {k: v for k, v in file_tree(exp).items() if not k.startswith(".incoming/")} == finished
     assert load_run(exp).summary == summary
     assert (exp / ".incoming" / "checkpoints" / "step-00000002").is_dir()
 

@@ -81,3 +81,20 @@ def test_vllm_matches_transformers(make_model, tmp_path):
             assert ours["tokens"] == theirs["tokens"], arch
             diffs[arch, i] = max(abs(a - b) for a, b in zip(ours["logprobs"], theirs["logprobs"], strict=True))
     assert max(diffs.values()) < 1e-4, diffs
+
+    # tools/evaluate.py --engine vllm: the served model's perplexity on the windows training evaluates
+    # on equals transformers' (packed windows split at document starts), and generation speed is timed.
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("evaluate_tool", ROOT / "tools" / "evaluate.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    models = [arg for res in exports.values() for arg in ("--model", str(res.out_dir))]
+    common = ["--text", str(DEMO_VALID), "--seq-len", "64", "--max-tokens", "3000", *models]
+    assert tool.main([*common, "--speed-batch", "0", "--json", str(tmp_path / "hf.json")]) == 0
+    vllm_args = ["--engine", "vllm", "--vllm-python", str(VLLM_PYTHON), "--gen-tokens", "8", "--gen-batch", "2"]
+    assert tool.main([*common, *vllm_args, "--json", str(tmp_path / "vllm.json")]) == 0
+    hf, served = (json.loads((tmp_path / f).read_text()) for f in ("hf.json", "vllm.json"))
+    for m in hf:
+        assert served[m]["ppl"] == pytest.approx(hf[m]["ppl"], rel=1e-4), m
+        assert served[m]["params"] == hf[m]["params"] and served[m]["generate_tokens_per_s"] > 0

@@ -5,6 +5,7 @@ python tools/evaluate.py --text ../shared/data/vimdoc/valid.txt --model DENSE_DI
     [--speed-batch 8] [--repeats 15] [--threads N]
     [--lm-eval-tasks hellaswag,arc_easy [--lm-eval-limit N] [--lm-eval-batch-size 8] [--lm-eval-include-path DIR]]
     [--strided [--window 2048] [--stride 0]] [--json OUT.json]
+    [--engine vllm [--vllm-python PATH] [--gen-tokens 32] [--gen-batch 8]]
 
 The first --model is the reference for the speed ratio. Tokenized with the first model's tokenizer,
 into the windows training's data.eval gives (same format detection and prompt masking), so the
@@ -16,13 +17,23 @@ and the tasks' data; --lm-eval-include-path adds a folder of task YAMLs of your 
 prints the wikitext-style perplexity of the whole --text file (pipeline/evaluation.strided_perplexity:
 tokenized once, windows of --window tokens every --stride tokens, 0 = non-overlapping as the papers
 report). --json writes every figure to a file.
+
+--engine vllm measures the models as vLLM serves them (tools/vllm_generate.py in vLLM's own
+environment: --vllm-python, default $VLLM_PYTHON or .venv-vllm/bin/python): perplexity on the same
+windows from vLLM's prompt_logprobs (packed windows are split at document starts, whose first token
+carries no loss, so the figure equals the transformers one up to numerics) and greedy generation
+tokens/s (--gen-batch requests of --gen-tokens each).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
+import os
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: import the package, not sibling files
@@ -33,6 +44,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.checkpoint import dumps
 from pipeline.config import DATA_FORMATS, InputError
+from pipeline.data import IGNORE, Windows
 from pipeline.evaluation import (
     STRIDED_WINDOW,
     eval_windows,
@@ -43,6 +55,8 @@ from pipeline.evaluation import (
 )
 from pipeline.export_verify import forward_speed, n_params
 from pipeline.model_source import resolve_model_dir
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,6 +79,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--window", type=int, default=STRIDED_WINDOW, help=f"strided window (default {STRIDED_WINDOW})")
     ap.add_argument("--stride", type=int, default=0, help="strided stride (default 0 = --window: no overlap)")
     ap.add_argument("--json", default=None, help="write the figures to this JSON file")
+    ap.add_argument("--engine", default="transformers", choices=("transformers", "vllm"))
+    ap.add_argument("--vllm-python", default=os.environ.get("VLLM_PYTHON", str(ROOT / ".venv-vllm" / "bin" / "python")))
+    ap.add_argument("--gen-tokens", type=int, default=32, help="vllm: new tokens per timed request")
+    ap.add_argument("--gen-batch", type=int, default=8, help="vllm: requests per timed generation (0 = no timing)")
     args = ap.parse_args(argv)
     tasks = [t.strip() for t in args.lm_eval_tasks.split(",") if t.strip()]
     tm = None
@@ -92,6 +110,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     n_tok = windows.input_ids.numel() if windows.attention_mask is None else int(windows.attention_mask.sum())
     print(f"{args.text}: {n_tok} tokens, {len(windows)} windows of {args.seq_len}")
+    if args.engine == "vllm":
+        report = vllm_report(args, model_dirs, windows)
+        if args.json:
+            Path(args.json).write_text(dumps(report, indent=2))
+        return 0
     models = {
         m: AutoModelForCausalLM.from_pretrained(d, trust_remote_code=needs_remote_code(d)).eval()
         for m, d in model_dirs.items()
@@ -123,6 +146,78 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def vllm_segments(windows: Windows) -> tuple[list[list[int]], list[list[bool]]]:
+    """Each window as vLLM prompts: split at packed document starts (position 0), padding dropped;
+    with, per token, whether it is a target (predicted from the tokens before it in its segment)."""
+    prompts, targets = [], []
+    for i in range(len(windows)):
+        ids, labels = windows.input_ids[i], windows.labels[i]
+        keep = torch.ones_like(ids, dtype=torch.bool)
+        if windows.attention_mask is not None:
+            keep = windows.attention_mask[i].bool()
+        starts = [0]
+        if windows.position_ids is not None:
+            starts = [int(t) for t in torch.nonzero(windows.position_ids[i] == 0).flatten()] or [0]
+            if starts[0] != 0:
+                starts = [0, *starts]
+        for a, b in zip(starts, [*starts[1:], len(ids)], strict=True):
+            seg = [j for j in range(a, b) if keep[j]]
+            if len(seg) < 2:
+                continue
+            prompts.append([int(ids[j]) for j in seg])
+            targets.append([False] + [bool(labels[j] != IGNORE) for j in seg[1:]])
+    return prompts, targets
+
+
+def n_params_on_disk(model_dir: Path) -> int:
+    """Parameters of a saved model from its safetensors headers (no weights loaded)."""
+    from safetensors import safe_open
+
+    total = 0
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(f), "pt") as st:
+            for k in st.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
+                total += math.prod(st.get_slice(k).get_shape())
+    return total
+
+
+def vllm_report(args: argparse.Namespace, model_dirs: dict[str, Path], windows: Windows) -> dict[str, dict]:
+    """Perplexity and generation speed of every model in vLLM, one vLLM process for all of them."""
+    prompts, targets = vllm_segments(windows)
+    with tempfile.TemporaryDirectory() as tmp:
+        pfile = Path(tmp) / "prompts.json"
+        pfile.write_text(json.dumps(prompts))
+        cmd = [args.vllm_python, str(ROOT / "tools" / "vllm_generate.py"), "--prompts", str(pfile), "--score"]
+        cmd += ["--max-new-tokens", str(args.gen_tokens), "--gen-batch", str(args.gen_batch)]
+        outs = {m: Path(tmp) / f"out{i}.json" for i, m in enumerate(model_dirs)}
+        for m, d in model_dirs.items():
+            cmd += ["--model", str(d), "--out", str(outs[m])]
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1")}
+        env.pop("PYTHONPATH", None)  # vLLM's environment, not this one
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True)
+        if done.returncode != 0:
+            raise SystemExit(f"error: vLLM failed (exit {done.returncode}):\n{done.stderr[-3000:]}")
+        results = {m: json.loads(outs[m].read_text()) for m in model_dirs}
+    report: dict[str, dict] = {}
+    ref = args.model[0]
+    for m, r in results.items():
+        nll = count = 0
+        for lps, tgt in zip(r["prompt_logprobs"], targets, strict=True):
+            for lp, t in zip(lps, tgt, strict=True):
+                if t:
+                    nll -= lp
+                    count += 1
+        loss = nll / count
+        report[m] = {"engine": "vllm", "params": n_params_on_disk(model_dirs[m]), "loss": loss, "ppl": math.exp(loss)}
+        line = f"{m}: params {report[m]['params']:,}  loss {loss:.4f}  ppl {math.exp(loss):.2f} (vLLM)"
+        if "generate_tokens_per_s" in r:
+            g, g_ref = r["generate_tokens_per_s"], results[ref]["generate_tokens_per_s"]
+            report[m]["generate_tokens_per_s"] = g
+            line += f"  generation {g:.0f} tok/s (x{g / g_ref:.2f} vs {Path(ref).name})"
+        print(line)
+    return report
+
+
 def needs_remote_code(model_dir: Path) -> bool:
     """Only a model with its own modeling code (compact's per-layer widths) loads with trust_remote_code;
     passing it to every model makes transformers prompt interactively for some of them."""
@@ -149,6 +244,16 @@ def check_inputs(args: argparse.Namespace) -> dict[str, Path]:
         errs.append(f"--window {args.window}: must be >= 2")
     if not Path(args.text).is_file():
         errs.append(f"--text {args.text}: no such file")
+    if args.engine == "vllm":
+        if not Path(args.vllm_python).is_file():
+            errs.append(
+                f"--vllm-python {args.vllm_python}: no such file; build vLLM's environment as in the README's "
+                "Serving section, or set VLLM_PYTHON"
+            )
+        if args.strided or args.lm_eval_tasks:
+            errs.append("--engine vllm measures perplexity and generation speed only; drop --strided / --lm-eval-tasks")
+        if args.gen_tokens < 1 or args.gen_batch < 0:
+            errs.append(f"--gen-tokens {args.gen_tokens} must be >= 1 and --gen-batch {args.gen_batch} >= 0")
     if errs:
         raise InputError("; ".join(errs))
     return dirs

@@ -7,7 +7,12 @@ PROMPTS.json is a list of token-id lists. Each RESULT.json gets, per prompt, the
 continuation (``tokens``, EOS ignored) and the log-probability vLLM gave each of those tokens
 (``logprobs``), and, with --speed-tokens N, ``forward_tokens_per_s``: prompt tokens per second of
 one-token requests over about N prompt tokens (a forward pass over the prompts; median of 3
-after a warm-up). Several models run one after another in one process (vLLM's import is slow).
+after a warm-up). --score adds ``prompt_logprobs``: per prompt, the log-probability of each of its
+tokens given the ones before (None for the first), from vLLM's prompt_logprobs, which
+tools/evaluate.py --engine vllm turns into perplexity; --gen-batch B adds
+``generate_tokens_per_s``: greedy tokens per second of B requests of --max-new-tokens each
+(median of 3 after a warm-up). Several models run one after another in one process (vLLM's
+import is slow).
 
 It imports vLLM and nothing from this repository, so it runs in vLLM's own environment (see the
 README's "Serving" section); tests/test_vllm.py calls it to check vLLM against transformers.
@@ -44,6 +49,22 @@ def run_model(model: str, prompts: list[list[int]], args: argparse.Namespace) ->
         c = o.outputs[0]
         lps = [step[tok].logprob for tok, step in zip(c.token_ids, c.logprobs, strict=True)]
         result["generations"].append({"tokens": list(c.token_ids), "logprobs": lps})
+    if args.score:
+        one = SamplingParams(temperature=0.0, max_tokens=1, prompt_logprobs=0)
+        scored = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], one, use_tqdm=False)
+        result["prompt_logprobs"] = [
+            [None] + [step[tok].logprob for tok, step in zip(p[1:], o.prompt_logprobs[1:], strict=True)]
+            for p, o in zip(prompts, scored, strict=True)
+        ]
+    if args.gen_batch:
+        batch = [TokensPrompt(prompt_token_ids=prompts[i % len(prompts)]) for i in range(args.gen_batch)]
+        llm.generate(batch, greedy, use_tqdm=False)  # warm-up
+        times = []
+        for _ in range(3):
+            t0 = time.perf_counter()
+            llm.generate(batch, greedy, use_tqdm=False)
+            times.append(time.perf_counter() - t0)
+        result["generate_tokens_per_s"] = args.gen_batch * args.max_new_tokens / statistics.median(times)
     if args.speed_tokens:
         seq = max(len(p) for p in prompts)
         batch = [TokensPrompt(prompt_token_ids=prompts[i % len(prompts)]) for i in range(args.speed_tokens // seq)]
@@ -68,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", action="append", required=True, help="result JSON, one per --model")
     ap.add_argument("--max-new-tokens", type=int, default=16)
     ap.add_argument("--speed-tokens", type=int, default=0, help="prompt tokens per timed forward (0: no timing)")
+    ap.add_argument("--score", action="store_true", help="also each prompt token's log-probability")
+    ap.add_argument("--gen-batch", type=int, default=0, help="requests per timed generation (0: no timing)")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--max-model-len", type=int, default=None, help="default: the model's max_position_embeddings")
     args = ap.parse_args(argv)
