@@ -112,7 +112,10 @@ def test_run_refuses_before_loading(make_model, tmp_path, restore_env, capsys):
         (f"output.dir={d / 'afile' / 'run'}", "which is a file"),
         ("output.dir=", "output.dir is empty"),
         (f"data.cache_dir={d / 'afile'}", "is a file, not a directory"),
-        ("lora.target_modules=lm_head", "pruning.criterion=lora needs LoRA on at least one of q_proj"),
+        (
+            "lora.target_modules=lm_head distill.enabled=false",
+            "pruning.criterion=lora needs LoRA on at least one of q_proj",
+        ),
         ("pruning.target_sparsity=0.99 pruning.max_layer_sparsity=0.995", "cannot be reached on this model"),
     ]
     for override, message in cases:

@@ -333,7 +333,7 @@ def c18_run_bad_input(c: Chaos) -> None:
         ([f"output.dir={d / 'file'}"], "is a file"),
         ([f"output.dir={d / 'file' / 'run'}"], "which is a file"),
         ([f"data.cache_dir={d / 'file'}"], "is a file, not a directory"),
-        (["lora.target_modules=lm_head"], "needs LoRA on at least one of"),
+        (["lora.target_modules=lm_head", "distill.enabled=false"], "needs LoRA on at least one of"),
         ([f"data.train={d / 'rows.jsonl'}"], "line 151: not valid JSON"),
         (["pruning.target_sparsity=1.0"], "must be in [0, 1)"),
     ]
