@@ -53,6 +53,7 @@ from pipeline.evaluation import (
     run_lm_eval,
     strided_perplexity,
 )
+from pipeline.export import BaseWeights
 from pipeline.export_verify import forward_speed, n_params
 from pipeline.model_source import resolve_model_dir
 
@@ -169,18 +170,6 @@ def vllm_segments(windows: Windows) -> tuple[list[list[int]], list[list[bool]]]:
     return prompts, targets
 
 
-def n_params_on_disk(model_dir: Path) -> int:
-    """Parameters of a saved model from its safetensors headers (no weights loaded)."""
-    from safetensors import safe_open
-
-    total = 0
-    for f in sorted(Path(model_dir).glob("*.safetensors")):
-        with safe_open(str(f), "pt") as st:
-            for k in st.keys():  # noqa: SIM118 (a safetensors handle, not a dict)
-                total += math.prod(st.get_slice(k).get_shape())
-    return total
-
-
 def vllm_report(args: argparse.Namespace, model_dirs: dict[str, Path], windows: Windows) -> dict[str, dict]:
     """Perplexity and generation speed of every model in vLLM, one vLLM process for all of them."""
     prompts, targets = vllm_segments(windows)
@@ -208,7 +197,8 @@ def vllm_report(args: argparse.Namespace, model_dirs: dict[str, Path], windows: 
                     nll -= lp
                     count += 1
         loss = nll / count
-        report[m] = {"engine": "vllm", "params": n_params_on_disk(model_dirs[m]), "loss": loss, "ppl": math.exp(loss)}
+        params = BaseWeights(model_dirs[m]).numel()  # from the safetensors headers: no weights loaded
+        report[m] = {"engine": "vllm", "params": params, "loss": loss, "ppl": math.exp(loss)}
         line = f"{m}: params {report[m]['params']:,}  loss {loss:.4f}  ppl {math.exp(loss):.2f} (vLLM)"
         if "generate_tokens_per_s" in r:
             g, g_ref = r["generate_tokens_per_s"], results[ref]["generate_tokens_per_s"]

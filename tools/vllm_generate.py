@@ -57,29 +57,34 @@ def run_model(model: str, prompts: list[list[int]], args: argparse.Namespace) ->
             for p, o in zip(prompts, scored, strict=True)
         ]
     if args.gen_batch:
-        batch = [TokensPrompt(prompt_token_ids=prompts[i % len(prompts)]) for i in range(args.gen_batch)]
-        llm.generate(batch, greedy, use_tqdm=False)  # warm-up
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            llm.generate(batch, greedy, use_tqdm=False)
-            times.append(time.perf_counter() - t0)
-        result["generate_tokens_per_s"] = args.gen_batch * args.max_new_tokens / statistics.median(times)
+        seconds = _timed(llm, _cycle(prompts, args.gen_batch), greedy)
+        result["generate_tokens_per_s"] = args.gen_batch * args.max_new_tokens / seconds
     if args.speed_tokens:
-        seq = max(len(p) for p in prompts)
-        batch = [TokensPrompt(prompt_token_ids=prompts[i % len(prompts)]) for i in range(args.speed_tokens // seq)]
-        one = SamplingParams(temperature=0.0, max_tokens=1)
-        llm.generate(batch, one, use_tqdm=False)  # warm-up
-        times = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            llm.generate(batch, one, use_tqdm=False)
-            times.append(time.perf_counter() - t0)
+        batch = _cycle(prompts, args.speed_tokens // max(len(p) for p in prompts))
+        seconds = _timed(llm, batch, SamplingParams(temperature=0.0, max_tokens=1))
         result["speed_prompt_tokens"] = sum(len(b["prompt_token_ids"]) for b in batch)
-        result["forward_tokens_per_s"] = result["speed_prompt_tokens"] / statistics.median(times)
+        result["forward_tokens_per_s"] = result["speed_prompt_tokens"] / seconds
     del llm
     gc.collect()
     return result
+
+
+def _cycle(prompts: list[list[int]], n: int) -> list[Any]:
+    """n requests, going round the prompts."""
+    from vllm.inputs import TokensPrompt
+
+    return [TokensPrompt(prompt_token_ids=prompts[i % len(prompts)]) for i in range(n)]
+
+
+def _timed(llm: Any, batch: list[Any], params: Any) -> float:
+    """Median seconds of three generations of ``batch``, after a warm-up."""
+    llm.generate(batch, params, use_tqdm=False)
+    times = []
+    for _ in range(3):
+        t0 = time.perf_counter()
+        llm.generate(batch, params, use_tqdm=False)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
 
 
 def main(argv: list[str] | None = None) -> int:
