@@ -33,15 +33,11 @@ class BlockSection(dict):
             raise AttributeError(name) from None
 
 
-class BlockConfig(dict):
+class BlockConfig(BlockSection):
+    """One layer's block: ``attention`` and ``ffn`` sections, read as keys or attributes."""
+
     def __init__(self, data: dict[str, Any]) -> None:
         super().__init__(attention=BlockSection(data.get("attention", {})), ffn=BlockSection(data.get("ffn", {})))
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
 
 
 class DeciLMConfig(LlamaConfig):
