@@ -3,7 +3,7 @@
 python benchmarks/sweep.py --config configs/vimdoc.yaml --out runs/sweep [--jobs 2] [--threads 1]
     [--set key=value ...] --run NAME "key=value key=value" [--run NAME "..." ...]
 
-Each run is pipeline/run.py in one process (pipeline/bench.py's launcher: its own memory and
+Each run is pipeline/run.py in one process (benchmarks/bench.py's launcher: its own memory and
 timing, finished runs with unchanged arguments reused). Writes OUT/sweep.md and OUT/sweep.json.
 """
 
@@ -16,8 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.bench import BenchSettings, RunSpec, run_all
-from pipeline.config import InputError, load_config
+from benchmarks.bench import BenchSettings, RunSpec, run_all
+from pipeline.config.schema import InputError, load_config
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,14 +15,14 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import the package, not sibling files
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from pipeline.config import ConfigError, InputError, load_config
-from pipeline.stops import BEFORE_LOOP, STOP_SIGNALS, RunStopped, stop_outside_the_loop
+from pipeline.config.schema import ConfigError, InputError, load_config
+from pipeline.train.stops import BEFORE_LOOP, STOP_SIGNALS, RunStopped, stop_outside_the_loop
 
 
 def _check_not_overwritten(config: str, out_dir: str) -> None:
     """The run writes its resolved config into output.dir; refuse to read the config from that very file."""
-    from pipeline.checkpoint import RUN_CONFIG
-    from pipeline.rundir import INCOMING
+    from pipeline.train.checkpoint import RUN_CONFIG
+    from pipeline.train.rundir import INCOMING
 
     given = Path(config).resolve()
     for target in (Path(out_dir) / RUN_CONFIG, Path(out_dir) / INCOMING / RUN_CONFIG):
@@ -53,7 +53,7 @@ def _main(argv: list[str] | None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         _check_not_overwritten(args.config, cfg.output.dir)
-        from pipeline.trainer import Trainer
+        from pipeline.train.trainer import Trainer
 
         trainer = Trainer(cfg)
         trainer.run()
@@ -72,8 +72,8 @@ def _main(argv: list[str] | None) -> int:
 
 
 def _shutdown() -> None:
-    if "pipeline.distributed" in sys.modules:  # not imported when stopped before start-up
-        from pipeline import distributed as D
+    if "pipeline.dist.comm" in sys.modules:  # not imported when stopped before start-up
+        from pipeline.dist import comm as D
 
         D.shutdown()
 

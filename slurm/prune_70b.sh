@@ -66,7 +66,7 @@ shift
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 HF_DATASETS_OFFLINE=1
 # Every rank loads the whole 4-bit model before ZeRO-3 partitions it (quantized models skip
 # zero.Init), from a shared filesystem at once; the default 10-30 min can run out. Read by
-# pipeline/distributed.py init() as the process-group timeout.
+# pipeline/dist/comm.py init() as the process-group timeout.
 export DEEPSPEED_TIMEOUT=${DEEPSPEED_TIMEOUT:-60}
 # A failed or timed-out collective aborts the rank (and srun --kill-on-bad-exit the job) instead of hanging.
 export TORCH_NCCL_ASYNC_ERROR_HANDLING=1 NCCL_ASYNC_ERROR_HANDLING=1
@@ -92,7 +92,7 @@ fi
 # Fail here, once, rather than on every rank after the allocation has started them all.
 "$PYTHON" -c '
 import sys
-from pipeline.config import InputError, load_config
+from pipeline.config.schema import InputError, load_config
 try:
     load_config(sys.argv[1], sys.argv[2:])
 except InputError as e:
@@ -106,7 +106,7 @@ if ((NNODES == 0)); then
     exit 1
 fi
 MASTER_ADDR=${MASTER_ADDR:-${HOSTS[0]}}
-# Same rule as pipeline/launch_env.py: one port per job, so jobs sharing a node do not collide.
+# Same rule as pipeline/dist/launch_env.py: one port per job, so jobs sharing a node do not collide.
 MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
 
 # deepspeed --no_ssh reads the node list and slots from a hostfile, on every node: shared filesystem.
@@ -126,7 +126,7 @@ torchrun)
         --master_addr="$MASTER_ADDR" --master_port="$MASTER_PORT")
     ;;
 srun)
-    # Ranks find their place from SLURM_PROCID/SLURM_LOCALID (pipeline/launch_env.py).
+    # Ranks find their place from SLURM_PROCID/SLURM_LOCALID (pipeline/dist/launch_env.py).
     export MASTER_ADDR MASTER_PORT
     ;;
 *)
@@ -150,7 +150,7 @@ else
         bash -c 'exec "$0" --node_rank="$SLURM_NODEID" "$@"' \
         "${LAUNCH[@]}" pipeline/run.py --config "$CONFIG" "$@" || rc=$?
 fi
-# 75: stopped by SIGTERM/SIGINT, after saving a checkpoint or before the first step (pipeline/stops.py EXIT_PREEMPTED).
+# 75: stopped by SIGTERM/SIGINT, after saving a checkpoint or before the first step (pipeline/train/stops.py EXIT_PREEMPTED).
 if ((rc == 75)) && [[ ${REQUEUE:-1} == 1 ]]; then
     echo "job $SLURM_JOB_ID: stopped on SIGTERM (checkpoint saved, if any); requeued, it resumes from there (train.resume=auto)"
     "$SCONTROL" requeue "$SLURM_JOB_ID"

@@ -22,9 +22,8 @@ from peft import LoraConfig, get_peft_model
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from pipeline.checkpoint import RUN_CONFIG
-from pipeline.config import InputError, config_from_dict, save_config
-from pipeline.export import (
+from pipeline.config.schema import InputError, config_from_dict, save_config
+from pipeline.export.compact import (
     ExportError,
     export,
     load_run,
@@ -34,9 +33,10 @@ from pipeline.export import (
     serve_decilm,
     serve_hf,
 )
-from pipeline.export_verify import VerifyError, compare, load_masked_model, logits, sample_inputs, verify
-from pipeline.masks import Masks
-from pipeline.structure import structure_from_config
+from pipeline.export.verify import VerifyError, compare, load_masked_model, logits, sample_inputs, verify
+from pipeline.model.structure import structure_from_config
+from pipeline.pruning.masks import Masks
+from pipeline.train.checkpoint import RUN_CONFIG
 
 PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 H, KV, D, HIDDEN, INTER = 8, 4, 8, 64, 96  # the conftest tiny models
@@ -75,7 +75,7 @@ MASKS = {  # name -> (scope, head_unit, heads, channels)
 def make_run(
     root: Path, model_dir: Path, masks: str, quantization: str = "nf4", lora: dict | None = None, seed: int = 0
 ) -> Path:
-    """A finished run directory like pipeline/checkpoint.py writes, without training."""
+    """A finished run directory like pipeline/train/checkpoint.py writes, without training."""
     scope, unit, heads, channels = MASKS[masks]
     run = root / f"run-{masks}-{quantization}"
     run.mkdir(parents=True)
@@ -244,8 +244,8 @@ def test_sharded_base_and_half_precision_output(make_model, tmp_path):
 def test_decilm_model_from_config_generates_with_no_op_blocks():
     """A no-op first attention block: the cache slots follow the attention blocks, so generating with
     the cache gives the same tokens as recomputing every step without it."""
-    from pipeline.configuration_decilm import DeciLMConfig
-    from pipeline.modeling_decilm import DeciLMForCausalLM
+    from pipeline.export.configuration_decilm import DeciLMConfig
+    from pipeline.export.modeling_decilm import DeciLMForCausalLM
 
     def block(g, inter):
         attn = {"no_op": g is None, "replace_with_linear": False} | ({"n_heads_in_group": g} if g else {})

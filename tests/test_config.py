@@ -2,8 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import ConfigError, load_config, parse_overrides
-from pipeline.ds_config import DeepSpeedConfigError, resolve
+from pipeline.config.ds_config import DeepSpeedConfigError, resolve
+from pipeline.config.schema import ConfigError, load_config, parse_overrides
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))

@@ -4,7 +4,7 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from pipeline.data import DataError, TrainBatches, Windows, eval_batches, load_texts, tokenize_to_blocks
+from pipeline.data.dataset import DataError, TrainBatches, Windows, eval_batches, load_texts, tokenize_to_blocks
 
 
 def _windows(batches: list[TrainBatches], step: int, gas: int) -> list[int]:

@@ -16,9 +16,9 @@ import torch.multiprocessing as mp
 from conftest import ROOT, free_port, read_summary, run_pipeline, write_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.config import ConfigError, DataConfig, load_config
-from pipeline.data import IGNORE, DataError, Windows, build_split, load_split, n_targets
-from pipeline.evaluation import perplexity
+from pipeline.config.schema import ConfigError, DataConfig, load_config
+from pipeline.data.dataset import IGNORE, DataError, Windows, build_split, load_split, n_targets
+from pipeline.train.evaluation import perplexity
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
@@ -303,7 +303,7 @@ def _rank_worker(rank: int, port: int, tmp: str, tokenizer_dir: str, results) ->
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
     )
-    from pipeline import distributed as D
+    from pipeline.dist import comm as D
 
     D.init(timeout_minutes=1)
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)

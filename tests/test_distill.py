@@ -9,10 +9,10 @@ from peft import LoraConfig as PeftLoraConfig
 from peft import get_peft_model
 from transformers import AutoModelForCausalLM
 
-from pipeline.config import ConfigError, DistillConfig, config_from_dict
-from pipeline.distill import Distiller, distill_objective
-from pipeline.masks import Masks
-from pipeline.structure import discover
+from pipeline.config.schema import ConfigError, DistillConfig, config_from_dict
+from pipeline.model.structure import discover
+from pipeline.pruning.masks import Masks
+from pipeline.train.distill import Distiller, distill_objective
 
 
 def _reference(h_s, h_t, labels, w, temperature, top_k=0):

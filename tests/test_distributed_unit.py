@@ -20,7 +20,7 @@ def _worker(rank: int, port: int, same: bool, results) -> None:
         MASTER_PORT=str(port),
         DS_ACCELERATOR="cpu",
     )
-    from pipeline import distributed as D
+    from pipeline.dist import comm as D
 
     D.init(timeout_minutes=1)
     masks = torch.ones(3, 4)

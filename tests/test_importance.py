@@ -5,9 +5,10 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from pipeline.aggregation import combine
-from pipeline.config import ConfigError, config_from_dict
-from pipeline.importance import (
+from pipeline.config.schema import ConfigError, config_from_dict
+from pipeline.model.structure import discover
+from pipeline.pruning.aggregation import combine
+from pipeline.pruning.importance import (
     FullGradients,
     ScoreLayout,
     base_weight,
@@ -15,7 +16,6 @@ from pipeline.importance import (
     module_refs,
     module_scores,
 )
-from pipeline.structure import discover
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

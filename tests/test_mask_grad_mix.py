@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pipeline.aggregation import mix_mask_grad
-from pipeline.config import ConfigError, load_config
-from pipeline.selection import decide
+from pipeline.config.schema import ConfigError, load_config
+from pipeline.pruning.aggregation import mix_mask_grad
+from pipeline.pruning.selection import decide
 
 
 def test_mix_is_the_sum_of_mean_normalised_signals() -> None:

@@ -14,8 +14,8 @@ import torch
 from conftest import ROOT, read_summary, run_pipeline, write_config
 from huggingface_hub import ModelCard
 
-from pipeline.cards import base_license, base_model_id
-from pipeline.model_source import ModelError, classify, resolve_model_dir, source_record
+from pipeline.export.cards import base_license, base_model_id
+from pipeline.model.source import ModelError, classify, resolve_model_dir, source_record
 
 LAYERS, HIDDEN, FFN, HEADS, KV = 2, 72, 96, 9, 3  # odd head counts, as in SmolLM2
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, free_port, read_summary, write_config
 
-from pipeline import launch_env as L
+from pipeline.dist import launch_env as L
 
 MPIEXEC = Path(sys.executable).parent / "mpiexec"  # the mpich wheel's, matching mpi4py's MPI
 TORCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
@@ -57,7 +57,7 @@ def test_srun_layout_and_precedence():
 
 
 _DISCOVER = (
-    "import json, os; from pipeline.launch_env import discover; s = discover(os.environ); "
+    "import json, os; from pipeline.dist.launch_env import discover; s = discover(os.environ); "
     "print(json.dumps({'source': s, **{k: os.environ[k] for k in ('RANK', 'WORLD_SIZE', 'MASTER_PORT')}}))"
 )
 
@@ -77,7 +77,7 @@ def test_mpi_singleton_falls_back_or_stops():
 
 _INIT = """
 import json, os, torch
-from pipeline import distributed as D
+from pipeline.dist import comm as D
 D.init(timeout_minutes=2)
 t = torch.tensor([float(D.rank() + 1)]); D.all_reduce_sum(t)
 print(json.dumps({"rank": D.rank(), "world": D.world_size(), "sum": t.item(), "local": os.environ["LOCAL_RANK"]}))

@@ -1,4 +1,4 @@
-"""tools/plan.py and pipeline/planner.py: presets, monotonicity, the verdict, and planned vs measured bytes."""
+"""tools/plan.py and benchmarks/planner.py: presets, monotonicity, the verdict, and planned vs measured bytes."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ import pytest
 import torch
 from conftest import ROOT, free_port, write_config
 
-from pipeline import planner as P
-from pipeline.perf import LiveBytes  # peak bytes of storages created in a block (CPU has no allocator peak)
+from benchmarks import planner as P
+from pipeline.train.perf import LiveBytes  # peak bytes of storages created in a block (CPU has no allocator peak)
 
 
 def _plan(model: str = "llama2-70b", **kw: Any) -> P.Plan:
@@ -90,7 +90,7 @@ def test_fit_verdict_and_cli_exit_codes(capsys, monkeypatch):
 def test_matches_pipeline_constants(make_model, tmp_path):
     from conftest import _config
 
-    from pipeline.importance import _ROW_CHUNK, ScoreLayout
+    from pipeline.pruning.importance import _ROW_CHUNK, ScoreLayout
 
     assert P.ROW_CHUNK == _ROW_CHUNK
     m = P.load_model_spec(str(make_model("llama")))  # a model directory
@@ -166,13 +166,13 @@ def _measure(rank: int, world: int, port: int, config: str, results: Any) -> Non
     import deepspeed
     import torch.distributed as dist
 
-    from pipeline import distributed as D
-    from pipeline.config import load_config
-    from pipeline.ds_config import resolve
-    from pipeline.importance import ScoreLayout, module_refs, module_scores
-    from pipeline.masks import Masks
-    from pipeline.model_loading import load_model
-    from pipeline.structure import discover
+    from pipeline.config.ds_config import resolve
+    from pipeline.config.schema import load_config
+    from pipeline.dist import comm as D
+    from pipeline.model.loading import load_model
+    from pipeline.model.structure import discover
+    from pipeline.pruning.importance import ScoreLayout, module_refs, module_scores
+    from pipeline.pruning.masks import Masks
 
     D.init(timeout_minutes=2)
     cfg = load_config(config)

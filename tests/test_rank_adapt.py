@@ -7,8 +7,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from pipeline.rank_dropout import attach_rank_dropout
-from pipeline.rank_pruning import RankPruner, lora_layers
+from pipeline.pruning.rank_dropout import attach_rank_dropout
+from pipeline.pruning.rank_pruning import RankPruner, lora_layers
 
 
 def _peft(model_dir, r=8):

@@ -13,8 +13,8 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from pipeline.masks import Masks
-from pipeline.structure import discover
+from pipeline.model.structure import discover
+from pipeline.pruning.masks import Masks
 
 pytestmark = pytest.mark.distributed
 SCRIPT = ROOT / "tests" / "scripts" / "rank_pruning_run.py"

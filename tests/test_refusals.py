@@ -14,10 +14,10 @@ import torch
 from conftest import DEMO_VALID, ROOT, write_config
 from transformers import AutoConfig
 
-from pipeline.config import ConfigError, PruningConfig, config_from_dict
-from pipeline.model_source import ModelError, check_model_dir
-from pipeline.pruner import check_reachable
-from pipeline.structure import structure_from_config
+from pipeline.config.schema import ConfigError, PruningConfig, config_from_dict
+from pipeline.model.source import ModelError, check_model_dir
+from pipeline.model.structure import structure_from_config
+from pipeline.pruning.pruner import check_reachable
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -137,7 +137,7 @@ def test_target_sparsity_one_does_not_suggest_raising_the_cap():
 
 
 def test_jsonl_error_names_the_1_based_line(tmp_path):
-    from pipeline.data import DataError, _read
+    from pipeline.data.dataset import DataError, _read
 
     f = tmp_path / "d.jsonl"
     f.write_text('{"text": "a"}\n' * 150 + "{broken\n" + '{"text": "b"}\n')
@@ -148,7 +148,7 @@ def test_jsonl_error_names_the_1_based_line(tmp_path):
 def test_corrupt_cache_entry_is_rebuilt(make_model, tmp_path, capsys):
     from transformers import AutoTokenizer
 
-    from pipeline.data import _cache_key, _cache_path, source_windows, tokenizer_fingerprint
+    from pipeline.data.dataset import _cache_key, _cache_path, source_windows, tokenizer_fingerprint
 
     tok = AutoTokenizer.from_pretrained(make_model("llama"))
     cfg = config_from_dict(
@@ -197,8 +197,8 @@ def test_compact_base_truncated_or_other_weights_is_refused(make_model, tmp_path
     from safetensors.torch import load_file, save_file
     from test_compact import make_run
 
-    from pipeline.export import ExportError, load_run
-    from pipeline.fingerprint import model_fingerprint
+    from pipeline.export.compact import ExportError, load_run
+    from pipeline.model.fingerprint import model_fingerprint
 
     model = make_model("llama")
     run = make_run(tmp_path, model, "uniform_kv")

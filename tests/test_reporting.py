@@ -19,11 +19,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from wandb_records import read_run
 
-from pipeline import bench_report
-from pipeline.cards import base_license, base_model_id
-from pipeline.config import ConfigError, LoggingConfig, config_from_dict
-from pipeline.evaluation import lm_eval_task_manager, perplexity, run_lm_eval, strided_perplexity
-from pipeline.logs import RunLogger
+from benchmarks import report as bench_report
+from pipeline.config.schema import ConfigError, LoggingConfig, config_from_dict
+from pipeline.export.cards import base_license, base_model_id
+from pipeline.train.evaluation import lm_eval_task_manager, perplexity, run_lm_eval, strided_perplexity
+from pipeline.train.logs import RunLogger
 
 TASK_DATA = ROOT / "tests" / "data" / "lm_eval" / "tiny_vim.jsonl"
 SUMMARY = {  # the fields of summary.json the loggers and plots read
@@ -96,7 +96,7 @@ def test_logging_and_eval_sections_are_typed_and_checked(tmp_path):
 
 
 def test_missing_optional_packages_are_named(monkeypatch):
-    import pipeline.config as C
+    import pipeline.config.schema as C
 
     monkeypatch.setattr(C, "_missing", lambda module: True)  # as on a machine without the extras
     with pytest.raises(ConfigError) as e:

@@ -1,6 +1,6 @@
 """Runs that survive faults: SIGKILL and SIGTERM mid-run, truncated checkpoints, NaN losses.
 
-Faults are real (signals from pipeline/faults.py at a chosen step); every comparison with the
+Faults are real (signals from pipeline/train/faults.py at a chosen step); every comparison with the
 uninterrupted run is bitwise.
 """
 
@@ -17,7 +17,7 @@ import torch
 from conftest import ROOT, file_tree, free_port, read_summary, run_pipeline, write_config
 from safetensors.torch import load_file
 
-from pipeline.checkpoint import verify
+from pipeline.train.checkpoint import verify
 
 # Structured pruning decisions, adapter-rank removals and rank dropout all straddle the fault steps,
 # so a resume that lost masks, scores, rank state, optimizer or RNG state would show.
@@ -264,7 +264,7 @@ def test_bad_input_is_refused_clearly_and_earlier_outputs_survive(make_model, tm
 
 def _fake_checkpoint(root: Path, step: int) -> Path:
     """A checkpoint directory with the files a manifest must cover (contents are irrelevant here)."""
-    from pipeline.checkpoint import STATE, TENSORS, step_name, write_manifest
+    from pipeline.train.checkpoint import STATE, TENSORS, step_name, write_manifest
 
     d = root / step_name(step)
     (d / "engine").mkdir(parents=True)
@@ -276,7 +276,7 @@ def _fake_checkpoint(root: Path, step: int) -> Path:
 
 
 def test_checkpoint_choice_skips_every_kind_of_broken_one(tmp_path, capsys):
-    from pipeline.checkpoint import CheckpointError, find_checkpoint, start_fresh
+    from pipeline.train.checkpoint import CheckpointError, find_checkpoint, start_fresh
 
     root = tmp_path / "out" / "checkpoints"
     good = _fake_checkpoint(root, 2)

@@ -15,7 +15,9 @@ import pytest
 from conftest import DEMO_TEXT, file_tree, read_summary, run_pipeline, write_config
 from safetensors.torch import load_file, save_file
 
-from pipeline.checkpoint import (
+from pipeline.config.schema import ConfigError, config_from_dict, load_config
+from pipeline.model.fingerprint import compare, model_fingerprint, run_fingerprints
+from pipeline.train.checkpoint import (
     RUN_CONFIG,
     CheckpointError,
     OutputError,
@@ -24,10 +26,8 @@ from pipeline.checkpoint import (
     start_fresh,
     write_summary,
 )
-from pipeline.config import ConfigError, config_from_dict, load_config
-from pipeline.fingerprint import compare, model_fingerprint, run_fingerprints
-from pipeline.rundir import LOCK, OutputLock, check_output_dir, clean_stale_staging, promote
-from pipeline.trainer import log_rows
+from pipeline.train.rundir import LOCK, OutputLock, check_output_dir, clean_stale_staging, promote
+from pipeline.train.trainer import log_rows
 
 
 def _dead_pid() -> int:
@@ -155,7 +155,7 @@ def test_promote_moves_the_earlier_run_whole(tmp_path):
 
 
 def test_a_finished_but_unmoved_replacement_is_completed_first(tmp_path):
-    from pipeline.rundir import prepare_output
+    from pipeline.train.rundir import prepare_output
 
     out = tmp_path / "out"
     (out / ".incoming").mkdir(parents=True)
@@ -284,7 +284,7 @@ def _env_run(cfg: Path, *overrides: str, faults: str = "") -> subprocess.Complet
 
 @pytest.mark.distributed
 def test_overwrite_keeps_the_finished_run_until_the_new_one_finishes(make_model, tmp_path):
-    from pipeline.export import load_run
+    from pipeline.export.compact import load_run
 
     exp = tmp_path / "exp"
     exp.mkdir()
@@ -356,7 +356,7 @@ def test_compact_killed_by_sigterm_leaves_no_staging(make_model, tmp_path):
     out = tmp_path / "compact"
     code = (
         "import os, signal, sys; sys.argv = ['compact', '--run', sys.argv[1], '--out', sys.argv[2]];"
-        "import pipeline.export as E; real = E.ShardWriter.close\n"
+        "import pipeline.export.compact as E; real = E.ShardWriter.close\n"
         "def close(self): real(self); os.kill(os.getpid(), signal.SIGTERM)\n"
         "E.ShardWriter.close = close\n"
         "sys.path.insert(0, 'tools'); import compact; sys.exit(compact.main())"

@@ -2,7 +2,7 @@ import itertools
 
 import pytest
 
-from pipeline.schedule import CubicSchedule
+from pipeline.pruning.schedule import CubicSchedule
 
 
 @pytest.mark.parametrize("steps,every", [(100, 10), (60, 5), (37, 4), (6, 2), (10, 1)])

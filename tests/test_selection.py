@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pipeline.selection import WidthRules, decide, select_global, select_uniform, width_rule_problems
+from pipeline.pruning.selection import WidthRules, decide, select_global, select_uniform, width_rule_problems
 
 
 def test_global_counts_and_never_resurrects():

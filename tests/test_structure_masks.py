@@ -3,8 +3,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from pipeline.masks import Masks
-from pipeline.structure import StructureError, discover, structure_from_config
+from pipeline.model.structure import StructureError, discover, structure_from_config
+from pipeline.pruning.masks import Masks
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2", "mistral"])

@@ -19,7 +19,7 @@ from conftest import DEMO_VALID, ROOT
 from test_compact import make_run
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.export import export, load_run
+from pipeline.export.compact import export, load_run
 
 VLLM_PYTHON = Path(os.environ.get("VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
 NEW_TOKENS = 12

@@ -12,7 +12,7 @@ step-time overhead of pruning; forward tokens/s of the compact models against th
 the all-reduced bytes per scoring event. Writes DIR/report.md, DIR/results.json, DIR/quality.png
 and DIR/layers.png; every run's directory and log is under DIR/runs and DIR/logs, and finished
 runs with unchanged settings are reused when the command is repeated (changes to the code are not
-detected: delete DIR/runs to rerun everything). See pipeline/bench.py and docs/BENCHMARKS.md.
+detected: delete DIR/runs to rerun everything). See benchmarks/bench.py and docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import the package, not sibling files
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from pipeline.config import InputError
+from pipeline.config.schema import InputError
 
 
 def _list(text: str) -> tuple[str, ...]:
@@ -40,7 +40,7 @@ def _floats(text: str) -> tuple[float, ...]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.bench import METHODS, SCOPES, BenchSettings
+    from benchmarks.bench import METHODS, SCOPES, BenchSettings
 
     defaults = BenchSettings(model="", train="", eval="")
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         if args.report_only:
-            from pipeline.bench_report import rewrite
+            from benchmarks.report import rewrite
 
             if not (Path(args.out) / "results.json").is_file():
                 raise InputError(
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
             rewrite(Path(args.out))
             print(f"wrote {Path(args.out) / 'report.md'}")
             return 0
-        from pipeline.bench import run_bench
+        from benchmarks.bench import run_bench
 
         st = BenchSettings(
             model=args.model,

@@ -134,7 +134,7 @@ def c01_config_in_output_dir(c: Chaos) -> None:
 def c02_empty_output_dir(c: Chaos) -> None:
     expect(c.train(c.config("empty"), "output.dir="), 2, "output.dir is empty")
     code = (
-        "from pipeline.config import config_from_dict as f; "
+        "from pipeline.config.schema import config_from_dict as f; "
         "print(f({'model': {'path': 'm'}, 'data': {'train': 't'}, 'output': {'dir': '~/x'}}).output.dir)"
     )
     out = subprocess.run([PY, "-c", code], cwd=ROOT, env=c.env, capture_output=True, text=True).stdout

@@ -25,8 +25,8 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import the package, not sibling files
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from pipeline.config import InputError
-from pipeline.stops import RunStopped
+from pipeline.config.schema import InputError
+from pipeline.train.stops import RunStopped
 
 
 def _size(text: str) -> int:
@@ -60,8 +60,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)  # on a shared CPU, fewer threads time more reliably
-    from pipeline.export import DTYPES, ExportResult, export, load_run
-    from pipeline.export_verify import VerifyError, verify
+    from pipeline.export.compact import DTYPES, ExportResult, export, load_run
+    from pipeline.export.verify import VerifyError, verify
 
     def check(staged: Path, result: ExportResult) -> None:
         report = verify(

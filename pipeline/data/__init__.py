@@ -1,0 +1,1 @@
+"""Training and held-out data: formats, tokenization, packing, the tokenized cache, batches."""

@@ -1,0 +1,1 @@
+"""Process groups, collectives, ZeRO-3 gathers and launcher discovery (torchrun, DeepSpeed, MPI, Slurm)."""

@@ -1,0 +1,1 @@
+"""Compaction: merge adapters, remove pruned units, write a served layout (stock or Nemotron-NAS), verify, card."""

@@ -1,0 +1,177 @@
+"""Pruning orchestration: when to score, scoring events, and mask decisions."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+from torch import nn
+
+from pipeline.config.schema import ConfigError, PruningConfig
+from pipeline.dist import comm as D
+from pipeline.model.structure import Structure, StructureError
+from pipeline.pruning.aggregation import ScoreTracker, all_reduce_scores, combine, mask_grad_scores, mix_mask_grad
+from pipeline.pruning.importance import FullGradients, ScoreLayout, module_refs, module_scores
+from pipeline.pruning.masks import Masks
+from pipeline.pruning.schedule import CubicSchedule
+from pipeline.pruning.selection import WidthRules, decide, width_rule_problems
+
+
+def width_rules(s: Structure, p: PruningConfig) -> WidthRules:
+    head, channel = s.params_per_head_unit, s.params_per_channel
+    return WidthRules(p.round_to, p.kv_heads_multiple_of, p.target_sparsity, head, channel)
+
+
+def check_width_rules(s: Structure, p: PruningConfig) -> None:
+    """Refuses serving constraints the model cannot meet at the target (before training starts)."""
+    problems = width_rule_problems(
+        s.num_kv_heads, s.intermediate_size, width_rules(s, p), p.scope, s.head_unit, p.max_layer_sparsity
+    )
+    if problems:
+        raise StructureError("; ".join(problems))
+
+
+_SCORED_BY = (("heads", ("q_proj", "k_proj", "v_proj", "o_proj")), ("channels", ("gate_proj", "up_proj", "down_proj")))
+
+
+def check_lora_coverage(criterion: str, adapted: set[str]) -> None:
+    """criterion=lora scores each unit kind from the adapters on its projections: both kinds need one.
+    ``adapted``: projection names with LoRA (checked from lora.target_modules before loading, then on the model)."""
+    if criterion != "lora":
+        return
+    for kind, names in _SCORED_BY:
+        if not adapted & set(names):
+            raise ConfigError(
+                f"pruning.criterion=lora needs LoRA on at least one of {', '.join(names)} to score {kind} "
+                f"(lora.target_modules={sorted(adapted) or 'none of them'}); add them to lora.target_modules "
+                "or use pruning.criterion=taylor"
+            )
+
+
+class Pruner:
+    def __init__(self, model: nn.Module, s: Structure, masks: Masks, p: PruningConfig, steps: int, seed: int) -> None:
+        self.s, self.masks, self.p = s, masks, p
+        self.refs = module_refs(model)
+        self.layout = ScoreLayout(s)
+        self.schedule = CubicSchedule(p.target_sparsity, steps, p.warmup, p.cooldown, p.prune_every)
+        self.tracker = ScoreTracker(p.ema)
+        self.decisions: list[int] = []
+        check_lora_coverage(p.criterion, {r.name for r in self.refs if r.has_lora})
+        self._random: tuple[torch.Tensor, torch.Tensor] | None = None
+        if p.criterion == "random":
+            g = torch.Generator().manual_seed(seed)  # same draw on every rank
+            self._random = (
+                torch.rand(s.num_layers, s.head_units, generator=g, dtype=torch.float64),
+                torch.rand(s.num_layers, s.intermediate_size, generator=g, dtype=torch.float64),
+            )
+        # lora with mask_grad_mix > 0 also reads |dL/dm|: mask gradients come with the backward.
+        self.mix = p.criterion == "lora" and p.mask_grad_mix > 0
+        masks.requires_grad_(p.criterion == "taylor" or self.mix)
+        # full_grad: hooks that accumulate every projection's weight gradient on scored steps.
+        self.full = FullGradients(self.refs) if p.criterion == "full_grad" else None
+        self.score_seconds = 0.0  # wall time in score(), and the bytes it all-reduced (perf summary)
+        self.score_allreduce_bytes = 0
+
+    @property
+    def active(self) -> bool:
+        return self.p.target_sparsity > 0
+
+    def score_due(self, t: int) -> bool:
+        """Score on the step grid and right before each decision; nothing after the last one."""
+        if not self.active or t > self.schedule.end:
+            return False
+        return t % self.p.score_every == 0 or self.schedule.is_decision(t)
+
+    def begin_step(self, t: int) -> None:
+        """Call on every rank before step ``t``'s first forward."""
+        if self.full is not None:
+            self.full.arm(self.score_due(t))
+
+    def score(self) -> None:
+        """Call on every rank between the boundary backward() and step()."""
+        t0, sent = time.perf_counter(), D.traffic["all_reduce"]
+        crit = self.p.criterion
+        if crit in ("lora", "magnitude", "full_grad"):
+            flat = all_reduce_scores(module_scores(self.refs, self.layout, crit, self.p.lora_reduce, self.full))
+            heads, chans = combine(flat, self.layout, self.p.normalize)
+            if self.mix:
+                g_h, g_c = mask_grad_scores(self.masks)  # one all-reduce, like the LoRA scores
+                heads = mix_mask_grad(heads, g_h, self.p.mask_grad_mix)
+                chans = mix_mask_grad(chans, g_c, self.p.mask_grad_mix)
+        elif crit == "taylor":
+            heads, chans = mask_grad_scores(self.masks)
+        else:
+            heads, chans = self._random
+        self.tracker.update(heads, chans)
+        self.score_seconds += time.perf_counter() - t0
+        self.score_allreduce_bytes += D.traffic["all_reduce"] - sent
+
+    def decide(self, t: int) -> float:
+        """Apply the scheduled sparsity for step ``t``; returns the scheduled value."""
+        target = self.schedule.sparsity(t)
+        if self.tracker.heads is None:
+            raise RuntimeError("no valid scores before the first mask decision (all scoring events were non-finite)")
+        groups = self.s.num_kv_heads if self.s.head_unit == "query" else 1
+        keep_h, keep_c = decide(
+            self.tracker.heads,
+            self.tracker.channels,
+            self.masks.head_units(),
+            self.masks.channel_units(),
+            target,
+            self.p.scope,
+            self.p.max_layer_sparsity,
+            groups,
+            width_rules(self.s, self.p),
+        )
+        self.masks.set_units(keep_h, keep_c)
+        D.verify_identical([self.masks.heads, self.masks.channels], "masks")
+        self.decisions.append(t)
+        return target
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Everything a resumed run needs to take the same decisions: masks, smoothed scores, history."""
+        sd = {f"masks.{k}": v for k, v in self.masks.state_dict().items()}
+        sd.update({f"scores.{k}": v for k, v in self.tracker.state_dict().items()})
+        sd["decisions"] = torch.tensor(self.decisions, dtype=torch.int64)
+        return sd
+
+    def load_state_dict(self, sd: dict[str, torch.Tensor]) -> None:
+        self.masks.load_state_dict({k[6:]: v for k, v in sd.items() if k.startswith("masks.")})
+        self.tracker.load_state_dict({k[7:]: v for k, v in sd.items() if k.startswith("scores.")})
+        self.decisions = [int(t) for t in sd["decisions"]]
+
+
+def reachable_sparsity(s: Structure, p: PruningConfig) -> float:
+    """The largest fraction of prunable parameters the caps allow on this model (max_layer_sparsity, one
+    unit of each kind kept per layer or KV group): the decision rule itself, at fraction 1."""
+    m = Masks(s)
+    groups = s.num_kv_heads if s.head_unit == "query" else 1
+    keep_h, keep_c = decide(
+        torch.zeros(s.num_layers, s.head_units),
+        torch.zeros(s.num_layers, s.intermediate_size),
+        m.head_units(),
+        m.channel_units(),
+        1.0,
+        p.scope,
+        p.max_layer_sparsity,
+        groups,
+    )
+    m.set_units(keep_h, keep_c)
+    return m.sparsity()
+
+
+def check_reachable(s: Structure, p: PruningConfig) -> None:
+    """Refuse a target the caps cannot reach (it would be reached silently short)."""
+    reach = reachable_sparsity(s, p)
+    # Decisions round to whole units: a target within one unit of each kind of the cap is met as nearly as it can be.
+    unit = (s.params_per_head_unit + s.params_per_channel) / s.prunable_params
+    if p.target_sparsity > reach + unit:
+        most = math.floor(reach * 1000) / 1000
+        cap = f"pruning.max_layer_sparsity={p.max_layer_sparsity} and " if p.scope == "global" else ""
+        raise ConfigError(
+            f"pruning.target_sparsity={p.target_sparsity} cannot be reached on this model: with {cap}at least "
+            f"one head unit ({s.head_unit}) and one MLP channel kept per layer (scope {p.scope}), at most "
+            f"{reach:.4f} of the prunable parameters can be removed ({s.head_units} head units and "
+            f"{s.intermediate_size} channels per layer); lower pruning.target_sparsity to {most} or less"
+        )
