@@ -315,7 +315,7 @@ def test_plan_pads_uneven_groups_and_empty_layers():
 
 @pytest.mark.parametrize("name", ["configuration_decilm.py", "modeling_decilm.py"])
 def test_modeling_code_imports_only_torch_and_transformers(name):
-    tree = ast.parse((ROOT / "pipeline" / name).read_text())
+    tree = ast.parse((ROOT / "pipeline" / "export" / name).read_text())
     roots = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
     roots |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0}
     assert roots <= {"__future__", "typing", "torch", "transformers"}, roots
