@@ -502,3 +502,17 @@ def test_width_rules_give_a_padding_free_export(make_model, tmp_path):
     )
     assert refused.returncode == 2 and "pruning.kv_heads_multiple_of=4: every layer keeps 4 of 4" in refused.stderr
     assert not (tmp_path / "bad" / "summary.json").exists()
+
+
+def test_nf4_replayed_in_the_recorded_compute_dtype(make_model, tmp_path):
+    # A run trained in bf16 (a GPU) and compacted here replays NF4 in bf16, not in this machine's "auto" (fp32).
+    run_dir = make_run(tmp_path, make_model("llama"), "global_kv", "nf4")
+    assert load_run(run_dir).train_dtype == torch.float32  # no record: "auto" as on this machine
+    summary = json.loads((run_dir / "summary.json").read_text())
+    (run_dir / "summary.json").write_text(json.dumps({**summary, "compute_dtype": "bf16"}))
+    run = load_run(run_dir)
+    assert run.train_dtype == torch.bfloat16
+    from pipeline.export.verify import load_masked_model
+
+    model, _ = load_masked_model(run)
+    assert next(model.parameters()).dtype == torch.bfloat16  # --verify's reference computes in it too

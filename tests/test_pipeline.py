@@ -7,6 +7,8 @@ import torch
 from conftest import read_summary, run_pipeline, write_config
 from safetensors.torch import load_file
 
+import pipeline
+
 pytestmark = pytest.mark.distributed
 
 
@@ -63,6 +65,8 @@ def test_run_dir_contract(equivalent_runs, make_model):
     for k in ("eval_ppl_before", "eval_ppl_after", "train_loss_final"):
         assert summary[k] == summary[k] and summary[k] > 0  # finite, not NaN
     assert (out / "resolved_config.yaml").is_file() and list((out / "tb").glob("events.out.tfevents.*"))
+    # The code and the compute dtype that produced the run ("auto" resolved; export replays NF4 in it).
+    assert summary["compute_dtype"] == "fp32" and summary["version"] == pipeline.__version__
     # The adapter holds real tensors (not empty ZeRO-3 shards) and loads in PEFT.
     adapter = load_file(out / "adapter" / "adapter_model.safetensors")
     b_keys = [k for k in adapter if "lora_B" in k]

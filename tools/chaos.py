@@ -416,7 +416,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.list:
         print("\n".join(f.__name__ for f in cases))
         return 0
-    sys.path.insert(0, str(ROOT))
     tmp = Path(tempfile.mkdtemp(prefix="chaos-"))
     c = Chaos(tmp)
     failed = 0

@@ -16,8 +16,6 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
 from pipeline.model.source import ModelError, convert_gguf
 
 

@@ -1,78 +1,11 @@
-"""Per-GPU memory and communication plan for a run of this pipeline (formulas: benchmarks/planner.py).
+"""Per-GPU memory and communication plan for a run (see --help).
 
-python tools/plan.py --model llama2-70b --nodes 2 --gpus-per-node 8 [--seq-len 2048] [--micro-batch 1]
-    [--grad-accum 1] [--lora-r 8] [--target-modules q_proj,...] [--gpu-mem-gb 80] [--ds-config JSON]
-    [--score-every 1] [--link-gbps 25] [--dtype bf16] [--quantization nf4] [--json]
-
---model is a preset (llama2-70b, llama3-70b, llama2-7b, llama3-8b), a Hugging Face model directory
-or its config.json. Exit status 0 when the plan fits the GPU memory, 1 when it does not, 2 on bad input.
+Thin wrapper: the command lives in ``benchmarks/plan.py`` (also ``lora-prune plan``).
 """
 
-from __future__ import annotations
-
-import argparse
-import json
 import sys
-from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script: import the package, not sibling files
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
-
-from pipeline.config.schema import InputError
-
-ROOT = Path(__file__).resolve().parent.parent
-
-
-def main(argv: list[str] | None = None) -> int:
-    from benchmarks import planner as P
-
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", required=True, help=f"preset ({', '.join(P.PRESETS)}), model dir or config.json")
-    ap.add_argument("--nodes", type=int, default=1)
-    ap.add_argument("--gpus-per-node", type=int, default=8)
-    ap.add_argument("--seq-len", type=int, default=2048)
-    ap.add_argument("--micro-batch", type=int, default=1)
-    ap.add_argument("--grad-accum", type=int, default=1)
-    ap.add_argument("--lora-r", type=int, default=8)
-    ap.add_argument("--target-modules", default=",".join(P.MODULES), help="comma-separated projections")
-    ap.add_argument("--dtype", choices=tuple(P.DTYPE_BYTES), default="bf16")
-    ap.add_argument("--quantization", choices=("nf4", "none"), default="nf4")
-    ap.add_argument("--no-double-quant", action="store_true")
-    ap.add_argument("--no-gradient-checkpointing", action="store_true")
-    ap.add_argument("--gpu-mem-gb", type=float, default=80.0, help="GPU memory, GiB")
-    ap.add_argument("--reserve-gb", type=float, default=4.0, help="CUDA context, NCCL buffers, fragmentation (GiB)")
-    ap.add_argument("--score-every", type=int, default=1, help="pruning.score_every")
-    ap.add_argument("--link-gbps", type=float, default=25.0, help="GB/s per rank for the time estimate")
-    ap.add_argument("--ds-config", default=str(ROOT / "ds_configs" / "zero3.json"), help="ZeRO-3 bucket settings")
-    ap.add_argument("--json", action="store_true", help="print the plan as JSON")
-    args = ap.parse_args(argv)
-    try:
-        model = P.load_model_spec(args.model)
-        settings = P.Settings(
-            nodes=args.nodes,
-            gpus_per_node=args.gpus_per_node,
-            seq_len=args.seq_len,
-            micro_batch=args.micro_batch,
-            grad_accum=args.grad_accum,
-            lora_r=args.lora_r,
-            target_modules=tuple(m.strip() for m in args.target_modules.split(",") if m.strip()),
-            dtype=args.dtype,
-            quantization=args.quantization,
-            double_quant=not args.no_double_quant,
-            gradient_checkpointing=not args.no_gradient_checkpointing,
-            gpu_mem_gb=args.gpu_mem_gb,
-            reserve_gb=args.reserve_gb,
-            score_every=args.score_every,
-            link_gbps=args.link_gbps,
-            zero=P.ZeroSettings.from_ds_config(args.ds_config),
-        )
-        p = P.plan(model, settings)
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(json.dumps(P.plan_dict(p), indent=2) if args.json else P.format_plan(p))
-    return 0 if p.fits else 1
-
+from benchmarks.plan import main
 
 if __name__ == "__main__":
     sys.exit(main())

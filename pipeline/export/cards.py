@@ -17,6 +17,7 @@ from typing import Any
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
+from pipeline import __version__
 from pipeline.model.source import _REPO_ID, source_record
 
 TAGS = ["pruning", "structured-pruning", "lora"]
@@ -171,7 +172,11 @@ def adapter_card(cfg: Any, summary: dict[str, Any], model_dir: Path) -> ModelCar
     )
     facts = [
         ("base model", f"`{base}`" if base else f"`{cfg.model.path}` (local; no Hub id recorded)"),
-        ("base during training", f"{cfg.model.quantization} quantized, {cfg.model.dtype}"),
+        (
+            "base during training",
+            f"{cfg.model.quantization} quantized, {summary.get('compute_dtype', cfg.model.dtype)}",
+        ),
+        ("produced by", f"lora-prune-pipeline {summary.get('version', __version__)}"),
         ("LoRA", f"{rank_text}, alpha={lora.alpha:g}, dropout={lora.dropout:g}, rank dropout={lora.rank_dropout:g}"),
         ("target modules", ", ".join(lora.target_modules)),
         ("training data", f"`{d.train}`" + (f" (+{len(d.mix)} mixed sources)" if d.mix else "") + f", {d.format}"),

@@ -36,18 +36,18 @@ from safetensors.torch import save_file
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from pipeline import __version__
 from pipeline.config.schema import Config, InputError, config_from_dict
-from pipeline.export.cards import TAGS, base_license, base_model_id, card, eval_results, lm_eval_table
 from pipeline.export import configuration_decilm, modeling_decilm
+from pipeline.export.cards import TAGS, base_license, base_model_id, card, eval_results, lm_eval_table
 from pipeline.model.fingerprint import compare, model_fingerprint
-from pipeline.model.loading import resolve_dtype
+from pipeline.model.loading import DTYPES, resolve_dtype
 from pipeline.model.source import ModelError, resolve_model_dir, source_record
 from pipeline.model.structure import ATTN, MLP, Structure, decoder_layers, layer_modules, structure_from_config
 from pipeline.pruning.masks import Masks
 from pipeline.train.checkpoint import LEGACY_RUN_CONFIG, RUN_CONFIG
 from pipeline.train.rundir import check_replaceable, clean_stale_staging, staging_dir, terminate_as_exception
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 NF4_BLOCKSIZE = 64  # bitsandbytes' Params4bit default, which transformers' 4-bit loader uses
 _STRUCTURE_KEYS = (
     "num_layers",
@@ -190,8 +190,10 @@ class Run:
 
     @property
     def train_dtype(self) -> torch.dtype:
-        """The dtype the run's model was loaded in ("auto" resolves as training did on this machine)."""
-        return resolve_dtype(self.cfg.model.dtype)
+        """The dtype the run computed in: summary.json's ``compute_dtype``; runs from before it was recorded
+        resolve ``model.dtype`` ("auto") as training would on this machine."""
+        recorded = self.summary.get("compute_dtype")
+        return DTYPES[recorded] if recorded in DTYPES else resolve_dtype(self.cfg.model.dtype)
 
 
 def _read_json(path: Path, fix: str) -> dict[str, Any]:
@@ -872,7 +874,11 @@ def model_card(run: Run, result: ExportResult, custom_reason: str, tokenizer: bo
             "eval perplexity before / after (masked model, training's eval)",
             f"{_fmt(summ.get('eval_ppl_before'))} / {_fmt(summ.get('eval_ppl_after'))}",
         ),
-        ("dtype", str(result.dtype).removeprefix("torch.")),
+        (
+            "dtype (training computed in)",
+            f"{str(result.dtype).removeprefix('torch.')} ({summ.get('compute_dtype', '?')})",
+        ),
+        ("produced by", f"lora-prune-pipeline {__version__} (training: {summ.get('version', '?')})"),
         ("base source", _source_text(source)),
     ]
     table = "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in facts)
@@ -988,7 +994,7 @@ def export(
     notes = list(run.notes)
     if merge_into == "dequantized" and run.cfg.model.quantization == "none":
         notes.append("the run's base was not quantized: dequantized and original are the same merge")
-    if merge_into == "dequantized" and run.cfg.model.dtype == "auto":
+    if merge_into == "dequantized" and run.cfg.model.dtype == "auto" and "compute_dtype" not in run.summary:
         notes.append(f"model.dtype=auto: NF4 quantization replayed in {run.train_dtype} (as on this machine)")
     padded = sum(p.padding for p in plans)
     if padded:

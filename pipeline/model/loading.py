@@ -23,13 +23,22 @@ from pipeline.config.schema import Config
 from pipeline.model.source import ModelError, resolve_model_dir
 from pipeline.pruning.rank_dropout import attach_rank_dropout
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}  # model.dtype names (compact --dtype too)
 
 
 def resolve_dtype(name: str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32
-    return _DTYPES[name]
+    return DTYPES[name]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The config name of ``dtype`` (``model.dtype`` values), as summary.json records the compute dtype."""
+    return next(k for k, v in DTYPES.items() if v == dtype)
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:

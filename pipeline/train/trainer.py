@@ -17,12 +17,13 @@ import torch
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from benchmarks.report import WIDTHS_PNG, plot_widths
+from pipeline import __version__
 from pipeline.config.ds_config import resolve
 from pipeline.config.schema import Config, save_config
 from pipeline.data.dataset import TrainBatches, Windows, eval_batches, load_split, n_targets
 from pipeline.dist import comm as D
 from pipeline.model.fingerprint import run_fingerprints
-from pipeline.model.loading import load_model, load_tokenizer, model_config
+from pipeline.model.loading import dtype_name, load_model, load_tokenizer, model_config, resolve_dtype
 from pipeline.model.source import ModelError, resolve_model_dir, source_record
 from pipeline.model.structure import check_layout, discover, structure_from_config
 from pipeline.pruning.masks import Masks
@@ -394,7 +395,8 @@ class Trainer:
             "bad_steps": self.bad_steps,
             "last_loss": self.last_loss,
             "scheduled": self.scheduled,
-            "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__},
+            "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "lora_prune": __version__},
+            "compute_dtype": dtype_name(resolve_dtype(self.cfg.model.dtype)),
             "fingerprints": self.fingerprints,
         }
         tensors = {f"pruner.{k}": v for k, v in self.pruner.state_dict().items()}
@@ -435,6 +437,10 @@ class Trainer:
             "model_type": s.model_type,
             "structure": s.to_dict(),
             "quantization": cfg.model.quantization,
+            # What "auto" resolved to here: export replays NF4 in it wherever it runs (issue: bf16 on a GPU
+            # replayed in fp32 on a CPU moves ~0.4% of weights to another NF4 level).
+            "compute_dtype": dtype_name(resolve_dtype(cfg.model.dtype)),
+            "version": __version__,
             "criterion": cfg.pruning.criterion,
             "scope": cfg.pruning.scope,
             "target_sparsity": cfg.pruning.target_sparsity,
