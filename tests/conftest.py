@@ -122,7 +122,8 @@ def write_config(path: Path, model_dir: Path, out_dir: Path, **sections: dict) -
         "lora": {"r": 4, "alpha": 8},
         "data": {"train": str(DEMO_TEXT), "eval": str(DEMO_VALID), "seq_len": 32, "eval_max_tokens": 512},
         "train": {"steps": 6, "micro_batch_size": 2, "grad_accum": 1, "lr": 0.01, "seed": 0},
-        "pruning": {"target_sparsity": 0.5, "prune_every": 2, "warmup": 0.2, "cooldown": 0.2},
+        # round_to 1: the tests count exact units (auto rounding has its own tests).
+        "pruning": {"target_sparsity": 0.5, "prune_every": 2, "warmup": 0.2, "cooldown": 0.2, "round_to": 1},
         "deepspeed": {"config": str(ROOT / "ds_configs" / "zero3_cpu.json")},
         "output": {"dir": str(out_dir)},
     }

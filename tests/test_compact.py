@@ -7,6 +7,7 @@ config.yaml and a summary.json); one test compacts the output of the real pipeli
 from __future__ import annotations
 
 import ast
+import importlib
 import importlib.util
 import json
 import re
@@ -375,9 +376,7 @@ def good_run(make_model, tmp_path) -> Path:
 def _compact(run: Path, out: Path, *extra: str) -> int:
     saved = list(sys.path)  # the script rewrites sys.path[0]; spawned workers of later tests need it back
     try:
-        spec = importlib.util.spec_from_file_location("compact_cli", ROOT / "tools" / "compact.py")
-        cli = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(cli)
+        cli = importlib.import_module("pipeline.cli.compact")  # the command tools/compact.py wraps
         return cli.main(["--run", str(run), "--out", str(out), *extra])
     finally:
         sys.path[:] = saved

@@ -1,6 +1,7 @@
 """Data users bring: formats, prompt masking, packing boundaries, the cache, mixing, rank 0 tokenizing
 for all ranks, and the error messages."""
 
+import importlib
 import importlib.util
 import json
 import os
@@ -340,9 +341,7 @@ def test_rank_zero_tokenizes_and_the_others_read_its_cache(tmp_path: Path, token
 
 def _evaluate_tool(monkeypatch) -> types.ModuleType:
     monkeypatch.setattr(sys, "path", list(sys.path))  # the script rewrites sys.path[0]; spawned tests need it
-    spec = importlib.util.spec_from_file_location("evaluate_tool", ROOT / "tools" / "evaluate.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = importlib.import_module("pipeline.cli.evaluate")  # the command tools/evaluate.py wraps
     return tool
 
 

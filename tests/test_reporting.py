@@ -3,6 +3,7 @@ and the card, Hub-valid model and adapter cards, the strided perplexity helper, 
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 import math
@@ -175,9 +176,7 @@ def test_evaluate_tool_puts_models_side_by_side(make_model, task_dir, tmp_path, 
     a, b = make_model("llama"), make_model("mistral")
     saved = list(sys.path)  # the script rewrites sys.path[0]
     try:
-        spec = importlib.util.spec_from_file_location("evaluate_cli", ROOT / "tools" / "evaluate.py")
-        cli = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(cli)
+        cli = importlib.import_module("pipeline.cli.evaluate")  # the command tools/evaluate.py wraps
         args = ["--model", str(a), "--model", str(b), "--text", str(DEMO_VALID), "--seq-len", "64"]
         args += ["--max-tokens", "512", "--speed-batch", "0", "--strided", "--window", "128"]
         args += ["--json", str(tmp_path / "r.json")]
@@ -293,9 +292,7 @@ def test_run_reports_to_wandb_and_lm_eval_into_summary_and_cards(make_model, tmp
     out = tmp_path / "compact"
     saved = list(sys.path)  # the script rewrites sys.path[0]
     try:
-        spec = importlib.util.spec_from_file_location("compact_cli", ROOT / "tools" / "compact.py")
-        cli = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(cli)
+        cli = importlib.import_module("pipeline.cli.compact")  # the command tools/compact.py wraps
         assert cli.main(["--run", str(run), "--out", str(out)]) == 0
     finally:
         sys.path[:] = saved

@@ -109,3 +109,11 @@ def test_global_blocks_keep_a_prefix_of_the_best():
     # Blocks per layer: its worst 10 % 4 = 2 units, then 4 more. 8 to cut: layer 0's two blocks (its
     # 6 worst), then layer 1's first; each layer keeps a multiple of 4.
     assert keep.sum(-1).tolist() == [4, 8] and keep[0].tolist() == [False] * 6 + [True] * 4
+
+
+def test_auto_round_to():
+    # pruning.round_to=0: 64 channels per block on real widths, finer where a layer would get < 8 blocks.
+    from pipeline.pruning.selection import auto_round_to
+
+    got = {n: auto_round_to(n) for n in (8192 * 3, 28672, 1536, 768, 512, 511, 128, 64, 16, 8, 7, 1)}
+    assert got == {24576: 64, 28672: 64, 1536: 64, 768: 64, 512: 64, 511: 32, 128: 16, 64: 8, 16: 2, 8: 1, 7: 1, 1: 1}

@@ -84,11 +84,9 @@ def test_vllm_matches_transformers(make_model, tmp_path):
 
     # tools/evaluate.py --engine vllm: the served model's perplexity on the windows training evaluates
     # on equals transformers' (packed windows split at document starts), and generation speed is timed.
-    import importlib.util
+    import importlib
 
-    spec = importlib.util.spec_from_file_location("evaluate_tool", ROOT / "tools" / "evaluate.py")
-    tool = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(tool)
+    tool = importlib.import_module("pipeline.cli.evaluate")  # the command tools/evaluate.py wraps
     models = [arg for res in exports.values() for arg in ("--model", str(res.out_dir))]
     common = ["--text", str(DEMO_VALID), "--seq-len", "64", "--max-tokens", "3000", *models]
     assert tool.main([*common, "--speed-batch", "0", "--json", str(tmp_path / "hf.json")]) == 0

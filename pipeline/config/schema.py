@@ -138,9 +138,10 @@ class PruningConfig:
     cooldown: float = 0.7  # fraction of steps at the end with the final target held (recovery)
     max_layer_sparsity: float = 0.9  # global scope: no layer loses more than this fraction of a unit kind
     # Serving widths (pipeline/pruning/selection.py): MLP channels kept per layer are a multiple of round_to
-    # (or all); kv_heads_multiple_of > 0 keeps the same KV heads in every layer, a multiple of it (no
+    # (or all; 0 = auto: 64, or less where a layer would get fewer than 8 blocks); kv_heads_multiple_of > 0
+    # keeps the same KV heads in every layer, a multiple of it (no
     # zero-head padding on export; a tensor-parallel size that divides it shards every layer).
-    round_to: int = 1
+    round_to: int = 0
     kv_heads_multiple_of: int = 0
 
 
@@ -256,8 +257,8 @@ def _validate(cfg: Config, check_environment: bool = True) -> list[str]:
             "the same number of query heads in every KV group of every layer; use pruning.scope=uniform "
             "or pruning.head_unit=kv_group"
         )
-    if p.round_to < 1:
-        errs.append(f"pruning.round_to={p.round_to}: must be >= 1 (1 = any channel count)")
+    if p.round_to < 0:
+        errs.append(f"pruning.round_to={p.round_to}: must be >= 0 (0 = auto, 1 = any channel count)")
     if p.kv_heads_multiple_of < 0:
         errs.append(f"pruning.kv_heads_multiple_of={p.kv_heads_multiple_of}: must be >= 0 (0 = off)")
     if not 0.0 <= p.ema < 1.0:

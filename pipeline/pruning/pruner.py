@@ -15,12 +15,13 @@ from pipeline.pruning.aggregation import ScoreTracker, all_reduce_scores, combin
 from pipeline.pruning.importance import FullGradients, ScoreLayout, module_refs, module_scores
 from pipeline.pruning.masks import Masks
 from pipeline.pruning.schedule import CubicSchedule
-from pipeline.pruning.selection import WidthRules, decide, width_rule_problems
+from pipeline.pruning.selection import WidthRules, auto_round_to, decide, width_rule_problems
 
 
 def width_rules(s: Structure, p: PruningConfig) -> WidthRules:
     head, channel = s.params_per_head_unit, s.params_per_channel
-    return WidthRules(p.round_to, p.kv_heads_multiple_of, p.target_sparsity, head, channel)
+    round_to = p.round_to or auto_round_to(s.intermediate_size)
+    return WidthRules(round_to, p.kv_heads_multiple_of, p.target_sparsity, head, channel)
 
 
 def check_width_rules(s: Structure, p: PruningConfig) -> None:

@@ -32,6 +32,18 @@ class WidthRules:
     channel_params: int = 0
 
 
+AUTO_ROUND_TO_MAX = 64  # channels per block on real models: measured faster to serve, same quality (README)
+AUTO_ROUND_TO_BLOCKS = 8  # ... but at least this many blocks per layer, so small models keep a fine grain
+
+
+def auto_round_to(intermediate_size: int) -> int:
+    """``pruning.round_to=0`` (auto): the largest power of two <= 64 that leaves at least 8 blocks per layer."""
+    r = 1
+    while r * 2 <= AUTO_ROUND_TO_MAX and r * 2 * AUTO_ROUND_TO_BLOCKS <= intermediate_size:
+        r *= 2
+    return r
+
+
 def kept_kv_heads(kv_heads: int, fraction: float, multiple: int) -> int:
     """KV heads every layer keeps at ``fraction`` under ``kv_heads_multiple_of``: the multiple nearest
     ``(1 - fraction) * kv_heads``, at least one multiple, at most all heads."""

@@ -27,7 +27,7 @@ from pipeline.model.loading import dtype_name, load_model, load_tokenizer, model
 from pipeline.model.source import ModelError, resolve_model_dir, source_record
 from pipeline.model.structure import check_layout, discover, structure_from_config
 from pipeline.pruning.masks import Masks
-from pipeline.pruning.pruner import Pruner, check_lora_coverage, check_reachable, check_width_rules
+from pipeline.pruning.pruner import Pruner, check_lora_coverage, check_reachable, check_width_rules, width_rules
 from pipeline.pruning.rank_pruning import RankPruner
 from pipeline.train.checkpoint import (
     CHECKPOINTS,
@@ -443,6 +443,7 @@ class Trainer:
             "version": __version__,
             "criterion": cfg.pruning.criterion,
             "scope": cfg.pruning.scope,
+            "round_to": width_rules(s, cfg.pruning).round_to,  # pruning.round_to=0 (auto) resolved
             "target_sparsity": cfg.pruning.target_sparsity,
             "scheduled_sparsity_final": self.scheduled,
             "achieved_sparsity": m.sparsity(),
