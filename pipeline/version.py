@@ -36,9 +36,6 @@ def _commit() -> str | None:
         return None
 
 
-def _version() -> str:
+def version() -> str:
     commit = _commit()
     return f"{_release()}+g{commit}" if commit else _release()
-
-
-__version__ = _version()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import re
 import runpy
 import sys
@@ -47,7 +48,7 @@ def test_wrappers_are_the_package_mains():
         "tools/bench.py": cli.COMMANDS["bench"],
     }.items():
         ns = runpy.run_path(str(root / script), run_name="not_main")
-        assert ns["main"] is sys.modules[module].main if module in sys.modules else ns["main"].__module__ == module
+        assert ns["main"] is importlib.import_module(module).main
     for f in [*(root / "tools").glob("*.py"), *(root / "pipeline").rglob("*.py")]:
         assert "sys.path" not in f.read_text(), f
 
