@@ -14,11 +14,11 @@ import subprocess
 from pathlib import Path
 
 import pytest
-import torch
 from conftest import DEMO_VALID, ROOT
 from test_compact import make_run
-from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoTokenizer
 
+from benchmarks.serve import hf_greedy  # the same transformers side benchmarks/serve.py reports
 from pipeline.export.compact import export, load_run
 
 VLLM_PYTHON = Path(os.environ.get("VLLM_PYTHON", ROOT / ".venv-vllm" / "bin" / "python"))
@@ -30,25 +30,6 @@ pytestmark = [
         reason="no vLLM environment: see the README's Serving section (.ci/run builds .venv-vllm)",
     ),
 ]
-
-
-def hf_greedy(model_dir: Path, prompts: list[list[int]]) -> list[dict]:
-    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True, dtype=torch.float32).eval()
-    out = []
-    for p in prompts:
-        with torch.inference_mode():
-            g = model.generate(
-                torch.tensor([p]),
-                max_new_tokens=NEW_TOKENS,
-                min_new_tokens=NEW_TOKENS,  # vLLM ignores EOS too
-                do_sample=False,
-                output_logits=True,  # raw: the min_new_tokens processor masks EOS in the scores
-                return_dict_in_generate=True,
-            )
-        tokens = g.sequences[0, len(p) :].tolist()
-        lps = [torch.log_softmax(s[0].float(), -1)[t].item() for s, t in zip(g.logits, tokens, strict=True)]
-        out.append({"tokens": tokens, "logprobs": lps})
-    return out
 
 
 def test_vllm_matches_transformers(make_model, tmp_path):
@@ -77,7 +58,7 @@ def test_vllm_matches_transformers(make_model, tmp_path):
     diffs = {}
     for arch, res in exports.items():
         served = json.loads((tmp_path / f"vllm-{arch}.json").read_text())["generations"]
-        for i, (ours, theirs) in enumerate(zip(hf_greedy(res.out_dir, prompts), served, strict=True)):
+        for i, (ours, theirs) in enumerate(zip(hf_greedy(res.out_dir, prompts, NEW_TOKENS), served, strict=True)):
             assert ours["tokens"] == theirs["tokens"], arch
             diffs[arch, i] = max(abs(a - b) for a, b in zip(ours["logprobs"], theirs["logprobs"], strict=True))
     assert max(diffs.values()) < 1e-4, diffs
