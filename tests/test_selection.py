@@ -37,11 +37,21 @@ def test_uniform_and_query_groups():
     assert select_uniform(scores, alive, 0.99, groups=4).view(3, 4, 2).sum(-1).ge(1).all()
 
 
-def test_decide_is_deterministic_on_ties():
+def test_decide_breaks_ties_by_position_and_honours_the_layer_cap():
+    """All-equal scores (LoRA B starts at zero): the cut is the first units in (layer, unit) order, a
+    layer never loses more than the cap."""
     zeros = torch.zeros(2, 4, dtype=torch.float64)
-    a = decide(zeros, zeros, zeros.bool().logical_not(), zeros.bool().logical_not(), 0.5, "global", 0.9)
-    b = decide(zeros.clone(), zeros.clone(), zeros.bool().logical_not(), zeros.bool().logical_not(), 0.5, "global", 0.9)
-    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=False))
+    alive = torch.ones(2, 4, dtype=torch.bool)
+    heads, channels = decide(zeros, zeros.clone(), alive, alive.clone(), 0.5, "global", 0.5)
+    # 4 of 8 units go; each layer may lose at most floor(0.5 * 4) = 2, so both layers lose their first two.
+    assert heads.tolist() == [[False, False, True, True], [False, False, True, True]]
+    assert torch.equal(heads, channels)
+    heads, _ = decide(zeros, zeros, alive, alive, 0.5, "global", 0.9)
+    # Cap 3: layer 0 loses units 0-2 (its best unit is protected), then layer 1 its first unit.
+    assert heads.tolist() == [[False, False, False, True], [False, True, True, True]]
+    heads, _ = decide(zeros, zeros, alive, alive, 0.5, "uniform", 0.9, query_groups=2)
+    # Uniform over 2 KV groups of 2 query heads: the first head of every group.
+    assert heads.tolist() == [[False, True, False, True], [False, True, False, True]]
 
 
 # ------------------------------------------------------------------------------ serving width rules

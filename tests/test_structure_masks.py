@@ -61,13 +61,33 @@ def test_masks_equal_removing_columns(make_model, arch: str):
     assert masks.pruned_params() == group + 40 * 3 * 64
 
 
-def test_masks_work_on_peft_model(make_model):
+def test_masks_cut_the_lora_path_too(make_model):
+    """On a PEFT model the mask sits before o_proj / down_proj, so it removes the LoRA contribution of a
+    pruned unit as well: masked logits equal zeroing its input columns in the base weight and in lora_A."""
+    torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(make_model("llama")).eval()
     peft = get_peft_model(model, LoraConfig(r=2, target_modules=["o_proj", "down_proj"]))
-    s = discover(peft)
-    masks = Masks(s)
+    for name, p in peft.named_parameters():
+        if "lora_B" in name:  # B starts at zero; make the adapters matter
+            torch.nn.init.normal_(p, std=0.5)
+    masks = Masks(discover(peft))
     masks.attach(peft)
     x = torch.randint(0, 500, (1, 8))
-    dense = _logits(peft, x)
-    masks.set_units(torch.zeros(2, 4, dtype=torch.bool), torch.ones(2, 96, dtype=torch.bool))
-    assert not torch.allclose(dense, _logits(peft, x))
+    heads = torch.ones(2, 4, dtype=torch.bool)
+    heads[1, 2] = False  # query heads 4 and 5: o_proj input columns 32:48
+    chans = torch.ones(2, 96, dtype=torch.bool)
+    chans[0, :40] = False
+    masks.set_units(heads, chans)
+    masked = _logits(peft, x)
+    masks.detach_hooks()
+    layers = peft.base_model.model.model.layers
+    o, down = layers[1].self_attn.o_proj, layers[0].mlp.down_proj
+    with torch.no_grad():
+        o.base_layer.weight[:, 32:48] = 0
+        down.base_layer.weight[:, :40] = 0
+    base_only = _logits(peft, x)  # the adapters still read the pruned units
+    assert (base_only - masked).abs().max() > 1e-3
+    with torch.no_grad():
+        o.lora_A["default"].weight[:, 32:48] = 0
+        down.lora_A["default"].weight[:, :40] = 0
+    torch.testing.assert_close(masked, _logits(peft, x), rtol=0, atol=1e-6)
