@@ -15,7 +15,7 @@ import json
 import sys
 from pathlib import Path
 
-from pipeline.config.schema import InputError
+from pipeline.errors import InputError
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -15,13 +15,9 @@ from typing import Any
 
 import yaml
 
+from pipeline.errors import ConfigError, InputError
 
-class InputError(ValueError):
-    """Bad input (config, model, data, output dir): the message names the key or file and the fix."""
-
-
-class ConfigError(InputError):
-    """Raised for a config that cannot run; the message lists every problem found."""
+__all__ = ["ConfigError", "InputError"]  # re-exported: older imports name them here
 
 
 @dataclass
