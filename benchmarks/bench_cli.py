@@ -22,7 +22,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from pipeline.config.schema import InputError
+from pipeline.errors import InputError
 
 
 def _list(text: str) -> tuple[str, ...]:

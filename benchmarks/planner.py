@@ -89,14 +89,13 @@ Persistent parameters are gathered once and not counted.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from pipeline.config.schema import InputError
+from pipeline.errors import InputError, read_json
 from pipeline.model.structure import ATTN, MLP, Structure, structure_from_config
 
 MODULES = ATTN + MLP
@@ -155,10 +154,7 @@ def load_model_spec(spec: str) -> ModelSpec:
             path = path / "config.json"
         if not path.is_file():
             raise PlanError(f"--model {spec}: not a preset ({', '.join(PRESETS)}), model directory or config.json")
-        try:
-            cfg = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise PlanError(f"{path}: not valid JSON: {e}") from e
+        cfg = read_json(path, str(path), PlanError)
         name = str(path.parent if path.name == "config.json" else path)
         cfg = cfg.get("text_config", cfg) if "hidden_size" not in cfg else cfg
     if "vocab_size" not in cfg:
@@ -183,10 +179,7 @@ class ZeroSettings:
     @classmethod
     def from_ds_config(cls, path: str | Path) -> ZeroSettings:
         path = Path(path)
-        try:
-            d = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError) as e:
-            raise PlanError(f"--ds-config {path}: {e}") from e
+        d = read_json(path, f"--ds-config {path}", PlanError)
         if not isinstance(d, dict) or not isinstance(d.get("zero_optimization", {}), dict):
             raise PlanError(
                 f"--ds-config {path}: expected a JSON object with a zero_optimization object (as ds_configs/zero3.json)"

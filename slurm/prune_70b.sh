@@ -89,15 +89,9 @@ if [[ ! -f $CONFIG ]]; then
     echo "error: config $CONFIG not found in $PWD (submit from the repository root)" >&2
     exit 2
 fi
-# Fail here, once, rather than on every rank after the allocation has started them all.
-"$PYTHON" -c '
-import sys
-from pipeline.config.schema import InputError, load_config
-try:
-    load_config(sys.argv[1], sys.argv[2:])
-except InputError as e:
-    sys.exit(f"error: {e}")
-' "$CONFIG" "$@"
+# Fail here, once, rather than on every rank after the allocation has started them all: the config,
+# model directory, data files and DeepSpeed JSON, without loading weights (lora-prune validate).
+"$PYTHON" -m pipeline validate "$CONFIG" "$@"
 
 mapfile -t HOSTS < <("$SCONTROL" show hostnames "$SLURM_JOB_NODELIST")
 NNODES=${#HOSTS[@]}

@@ -26,10 +26,10 @@ def test_every_ds_config_resolves(path: Path):
 def test_overrides_are_typed():
     cfg = load_config(
         ROOT / "configs" / "demo.yaml",
-        ["train.steps=7", "pruning.target_sparsity=0.3", "lora.target_modules=q_proj,v_proj", "train.lr=1e-4"],
+        ["train.steps=7", "pruning.target_sparsity=0.3", "lora.target_modules=q_proj,down_proj", "train.lr=1e-4"],
     )
     assert cfg.train.steps == 7 and cfg.pruning.target_sparsity == 0.3
-    assert cfg.lora.target_modules == ["q_proj", "v_proj"] and cfg.train.lr == 1e-4
+    assert cfg.lora.target_modules == ["q_proj", "down_proj"] and cfg.train.lr == 1e-4
 
 
 def test_unknown_key_names_it_and_suggests():
@@ -60,7 +60,55 @@ def test_wrong_type_and_choice_collected_in_one_error():
     with pytest.raises(ConfigError) as e:
         load_config(ROOT / "configs" / "demo.yaml", ["train.steps=ten", "pruning.criterion=l1"])
     msg = str(e.value)
-    assert "train.steps='ten'" in msg
+    assert "train.steps='ten': expected int" in msg and "pruning.criterion='l1': must be one of" in msg
+
+
+def test_unknown_key_and_bad_choice_collected_in_one_error():
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs" / "demo.yaml", ["train.step=5", "pruning.scope=globl"])
+    msg = str(e.value)
+    assert "unknown key train.step (did you mean train.steps?)" in msg and "pruning.scope='globl'" in msg
+
+
+def test_value_rules_still_run_next_to_a_type_error():
+    # the field whose type failed keeps its default; the other fields' value rules are still checked
+    with pytest.raises(ConfigError) as e:
+        load_config(ROOT / "configs" / "demo.yaml", ["train.lr=fast", "pruning.target_sparsity=1.5"])
+    msg = str(e.value)
+    assert "train.lr='fast': expected float" in msg and "pruning.target_sparsity=1.5" in msg
+
+
+def test_choices_are_the_literal_types():
+    import typing
+
+    from pipeline.config.schema import PruningConfig
+
+    choices = typing.get_args(typing.get_type_hints(PruningConfig)["criterion"])
+    with pytest.raises(ConfigError, match="must be one of " + ", ".join(choices)):
+        load_config(ROOT / "configs" / "demo.yaml", ["pruning.criterion=l1"])
+
+
+def test_lora_criterion_without_attention_adapters_fails_at_config_time():
+    with pytest.raises(ConfigError, match="pruning.criterion=lora needs LoRA on at least one of q_proj"):
+        load_config(ROOT / "configs" / "demo.yaml", ["lora.target_modules=gate_proj,up_proj,down_proj"])
+    cfg = load_config(
+        ROOT / "configs" / "demo.yaml", ["lora.target_modules=gate_proj,up_proj,down_proj", "pruning.criterion=taylor"]
+    )
+    assert cfg.lora.target_modules == ["gate_proj", "up_proj", "down_proj"]
+
+
+def test_resumable_keys_come_from_the_field_metadata():
+    from pipeline.config.schema import resumable_keys
+    from pipeline.train.checkpoint import RESUMABLE_CHANGES
+
+    assert resumable_keys() == RESUMABLE_CHANGES
+    assert {"train.resume", "output.dir", "logging.report_to"} <= RESUMABLE_CHANGES
+    assert "pruning.target_sparsity" not in RESUMABLE_CHANGES and "train.lr" not in RESUMABLE_CHANGES
+
+
+def test_mix_is_typed():
+    with pytest.raises(ConfigError, match=r"data.mix='a.jsonl': expected a list of mappings"):
+        load_config(ROOT / "configs" / "demo.yaml", ["data.mix=a.jsonl"])
 
 
 def test_bad_choice():

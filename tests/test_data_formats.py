@@ -381,3 +381,14 @@ def test_cli_instruction_mix_unpacked(make_model, tmp_path: Path):
     s = read_summary(out)
     assert s["eval_ppl_before"] > 1 and s["eval_ppl_after"] > 1
     assert "data.eval=" in proc.stderr and "cache hit" in proc.stderr  # eval = train file, same settings
+
+
+def test_plain_text_eval_next_to_alpaca_training_data(tmp_path: Path, tok):
+    # data.eval has its own format (auto by default), so data.format=alpaca does not apply to it
+    train = jsonl(tmp_path / "train.jsonl", [_alpaca(f"item {i}") for i in range(8)])
+    (tmp_path / "eval.txt").write_text("plain held-out text\n" * 40)
+    kw = {"train": str(train), "eval": str(tmp_path / "eval.txt"), "format": "alpaca"}
+    assert len(build(tok, tmp_path, "train", **kw)) > 0
+    assert len(build(tok, tmp_path, "eval", **kw)) > 0
+    with pytest.raises(DataError, match="a plain text file has no records"):
+        build(tok, tmp_path, "eval", eval_format="alpaca", **kw)

@@ -274,3 +274,15 @@ def test_planned_vs_measured(case, make_model, wide_model, tmp_path):
     print(f"{case}: {report}")
     for k, tol in TOLERANCE.items():
         assert abs(errors[k]) <= tol, report
+
+
+def test_plan_reads_the_run_config(capsys):
+    from benchmarks.plan import main
+
+    root = Path(__file__).resolve().parent.parent
+    assert main(["--config", str(root / "configs" / "demo.yaml"), "data.seq_len=64", "--json"]) == 0
+    d = json.loads(capsys.readouterr().out)
+    assert d["settings"]["seq_len"] == 64 and d["settings"]["micro_batch"] == 4
+    assert d["settings"]["zero"]["source"] == "ds_configs/zero3_cpu.json" and "demo/model" in json.dumps(d["model"])
+    assert main(["--config", str(root / "configs" / "demo.yaml"), "train.steps=ten"]) == 2
+    assert "train.steps='ten'" in capsys.readouterr().err

@@ -22,7 +22,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.config.schema import InputError
+from pipeline.errors import InputError
 from pipeline.train.stops import RunStopped
 
 

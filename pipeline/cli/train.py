@@ -8,11 +8,14 @@ python pipeline/run.py --config CONFIG.yaml          # a single process
 from __future__ import annotations
 
 import argparse
+import os
 import signal
 import sys
 from pathlib import Path
 
-from pipeline.config.schema import ConfigError, InputError, load_config
+from pipeline.config import validate
+from pipeline.config.schema import load_config
+from pipeline.errors import ConfigError, InputError
 from pipeline.train.stops import BEFORE_LOOP, STOP_SIGNALS, RunStopped, stop_outside_the_loop
 
 
@@ -50,12 +53,16 @@ def _main(argv: list[str] | None) -> int:
     try:
         cfg = load_config(args.config, args.overrides)
         _check_not_overwritten(args.config, cfg.output.dir)
+        # The validate command's checks (model directory, data files, DeepSpeed JSON) before any rank
+        # initialises the process group or loads a weight: every rank exits 2, rank 0 says why.
+        validate.check(args.config, args.overrides)
         from pipeline.train.trainer import Trainer
 
         trainer = Trainer(cfg)
         trainer.run()
     except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # set by deepspeed/torchrun; unset for a single process
+            print(f"error: {e}", file=sys.stderr)
         return 2
     except RunStopped as e:
         print(f"stopped: {e}", file=sys.stderr)

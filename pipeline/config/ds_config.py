@@ -6,13 +6,13 @@ that disagrees with the run config is an error rather than a silent override.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from pipeline.config.schema import Config, InputError
+from pipeline.config.schema import Config
+from pipeline.errors import InputError, read_json
 from pipeline.model.loading import resolve_dtype
 
 
@@ -38,12 +38,7 @@ def _find_auto(node: Any, path: str, found: list[str]) -> None:
 
 def resolve(cfg: Config, world_size: int) -> dict[str, Any]:
     path = Path(cfg.deepspeed.config)
-    if not path.is_file():
-        raise DeepSpeedConfigError(f"deepspeed.config={path}: file not found (configs live in ds_configs/)")
-    try:
-        d = json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise DeepSpeedConfigError(f"deepspeed.config={path}: not valid JSON: {e}") from e
+    d = read_json(path, f"deepspeed.config={path} (configs live in ds_configs/)", DeepSpeedConfigError)
     if not isinstance(d, dict):
         raise DeepSpeedConfigError(
             f"deepspeed.config={path}: the top level is a JSON {type(d).__name__}, not an object of DeepSpeed "

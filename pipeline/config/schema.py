@@ -11,24 +11,25 @@ import importlib.util
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
+from pipeline.errors import ConfigError, InputError
 
-class InputError(ValueError):
-    """Bad input (config, model, data, output dir): the message names the key or file and the fix."""
+__all__ = ["ConfigError", "InputError"]  # re-exported: older imports name them here
 
 
-class ConfigError(InputError):
-    """Raised for a config that cannot run; the message lists every problem found."""
+# Field metadata of the keys that may differ between a checkpoint's run and the run resuming it: they do
+# not change what is computed (train/checkpoint.py refuses any other difference).
+RESUMABLE = {"resumable": True}
 
 
 @dataclass
 class ModelConfig:
     path: str = ""
-    quantization: str = "nf4"  # nf4 | none
-    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
+    quantization: Literal["nf4", "none"] = "nf4"
+    dtype: Literal["auto", "fp32", "bf16", "fp16"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
     double_quant: bool = True
 
 
@@ -57,7 +58,8 @@ class LoraConfig:
     rank_pruning: RankPruningConfig = field(default_factory=RankPruningConfig)
 
 
-DATA_FORMATS = ("auto", "text", "jsonl", "alpaca", "chat")
+DataFormat = Literal["auto", "text", "jsonl", "alpaca", "chat"]
+DATA_FORMATS: tuple[str, ...] = typing.get_args(DataFormat)
 _MIX_KEYS = ("path", "format", "weight", "text_field")
 
 
@@ -78,22 +80,25 @@ class DataConfig:
     eval: str = ""
     # More training sources: a list of {path, format, weight, text_field}; format and text_field
     # default to data.format and data.text_field, weight to 1.
-    mix: list = field(default_factory=list)
-    format: str = "auto"  # auto | text | jsonl (= text) | alpaca | chat
+    mix: list[dict[str, Any]] = field(default_factory=list)
+    format: DataFormat = "auto"  # jsonl = text
+    # data.eval's own format (not data.format): a plain-text eval file next to alpaca/chat training data
+    eval_format: DataFormat = "auto"
     text_field: str = "text"  # field read from records in the text format
     seq_len: int = 256
     packing: bool = True  # concatenate documents into seq_len windows; false: one padded row per example
     truncation: bool = False  # unpacked: cut examples longer than seq_len instead of stopping
     train_on_prompt: bool = False  # instruction/chat data: loss on prompt tokens too
-    num_proc: int = 2  # tokenizer processes (datasets.map)
-    cache_dir: str = ""  # tokenized windows; "" = ~/.cache/lora-prune/data ($XDG_CACHE_HOME), "none" = off
+    num_proc: int = field(metadata=RESUMABLE, default=2)  # tokenizer processes (datasets.map)
+    # tokenized windows; "" = ~/.cache/lora-prune/data ($XDG_CACHE_HOME), "none" = off
+    cache_dir: str = field(metadata=RESUMABLE, default="")
     eval_max_tokens: int = 40000  # evaluate on the first N tokens of data.eval (0 = all)
     eval_seq_len: int = 0  # window length for evaluation (0 = data.seq_len)
 
     def sources(self, split: str) -> list[DataSource]:
         """The sources of ``split`` ("train": data.train then data.mix; "eval": data.eval)."""
         if split == "eval":
-            return [DataSource("data.eval", self.eval, self.format, self.text_field)] if self.eval else []
+            return [DataSource("data.eval", self.eval, self.eval_format, self.text_field)] if self.eval else []
         out = [DataSource("data.train", self.train, self.format, self.text_field)] if self.train else []
         for i, e in enumerate(self.mix):
             fmt, text_field = e.get("format", self.format), e.get("text_field", self.text_field)
@@ -113,22 +118,29 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     seed: int = 0
     gradient_checkpointing: bool = False
-    eval_every: int = 0  # 0 = evaluate only before and after training
-    log_every: int = 1
-    save_every: int = 0  # steps between checkpoints in output.dir/checkpoints (0 = only on SIGTERM)
-    keep_last: int = 2  # checkpoints kept; older ones are deleted once a newer one is complete
-    resume: str = "auto"  # auto: newest complete checkpoint in output.dir, if any | none | a checkpoint path
-    max_bad_steps: int = 10  # steps with a non-finite loss or gradient before the run stops
+    eval_every: int = field(metadata=RESUMABLE, default=0)  # 0 = evaluate only before and after training
+    log_every: int = field(metadata=RESUMABLE, default=1)
+    # steps between checkpoints in output.dir/checkpoints (0 = only on SIGTERM)
+    save_every: int = field(metadata=RESUMABLE, default=0)
+    # checkpoints kept; older ones are deleted once a newer one is complete
+    keep_last: int = field(metadata=RESUMABLE, default=2)
+    # auto: newest complete checkpoint in output.dir, if any | none | a checkpoint path
+    resume: str = field(metadata=RESUMABLE, default="auto")
+    # steps with a non-finite loss or gradient before the run stops
+    max_bad_steps: int = field(metadata=RESUMABLE, default=10)
 
 
 @dataclass
 class PruningConfig:
     target_sparsity: float = 0.5  # fraction of prunable attention+MLP parameters removed
-    criterion: str = "lora"  # lora | full_grad (reference, needs quantization=none) | taylor | magnitude | random
-    scope: str = "global"  # global (across layers) | uniform (same count in every layer)
-    head_unit: str = "kv_group"  # kv_group (a KV head with its query heads) | query (same count per group)
-    lora_reduce: str = "element"  # element: sum |W' * G| (LoRAPrune) | vector: |sum W' * G| per unit
-    normalize: str = "none"  # none: raw scores | l2: per-module, per-layer L2 normalisation (LoRAPrune)
+    # full_grad: the reference, needs model.quantization=none
+    criterion: Literal["lora", "full_grad", "taylor", "magnitude", "random"] = "lora"
+    scope: Literal["global", "uniform"] = "global"  # global: across layers | uniform: same count in every layer
+    # kv_group: a KV head with its query heads | query: the same count per group
+    head_unit: Literal["kv_group", "query"] = "kv_group"
+    # element: sum |W' * G| (LoRAPrune) | vector: |sum W' * G| per unit
+    lora_reduce: Literal["element", "vector"] = "element"
+    normalize: Literal["none", "l2"] = "none"  # none: raw scores | l2: per-module, per-layer L2 (LoRAPrune)
     # criterion lora: score = lora/mean + mix * |dL/dm|/mean per unit kind (0 = LoRA scores alone)
     mask_grad_mix: float = 1.0
     ema: float = 0.9  # S = ema * S + (1 - ema) * S_new
@@ -164,8 +176,8 @@ class DeepSpeedSection:
 
 @dataclass
 class OutputConfig:
-    dir: str = "runs/default"
-    overwrite: bool = False  # allow writing over a finished run in output.dir
+    dir: str = field(metadata=RESUMABLE, default="runs/default")
+    overwrite: bool = field(metadata=RESUMABLE, default=False)  # allow writing over a finished run in output.dir
 
 
 REPORT_TO = ("tensorboard", "wandb", "none")
@@ -179,20 +191,21 @@ LM_EVAL_MISSING = (
 @dataclass
 class LoggingConfig:
     # tensorboard | wandb | both (a list, or "tensorboard,wandb") | none; rank 0 only
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
-    project: str = "lora-prune"  # W&B project
-    run_name: str = ""  # W&B run name; "" = the name of output.dir
+    report_to: list[str] = field(metadata=RESUMABLE, default_factory=lambda: ["tensorboard"])
+    project: str = field(metadata=RESUMABLE, default="lora-prune")  # W&B project
+    run_name: str = field(metadata=RESUMABLE, default="")  # W&B run name; "" = the name of output.dir
 
 
 @dataclass
 class EvalConfig:
     """lm-evaluation-harness tasks run once at the end, on the masked model (base + adapters + masks)."""
 
-    lm_eval_tasks: list[str] = field(default_factory=list)  # e.g. [arc_easy, hellaswag]; [] = none
-    lm_eval_limit: float = 0.0  # examples per task (a fraction if < 1); 0 = all
-    lm_eval_batch_size: int = 8
-    lm_eval_num_fewshot: int = -1  # -1 = each task's default
-    lm_eval_include_path: str = ""  # a folder of extra task YAMLs (local tasks), searched before the built-in ones
+    lm_eval_tasks: list[str] = field(metadata=RESUMABLE, default_factory=list)  # e.g. [arc_easy, hellaswag]; [] = none
+    lm_eval_limit: float = field(metadata=RESUMABLE, default=0.0)  # examples per task (a fraction if < 1); 0 = all
+    lm_eval_batch_size: int = field(metadata=RESUMABLE, default=8)
+    lm_eval_num_fewshot: int = field(metadata=RESUMABLE, default=-1)  # -1 = each task's default
+    # a folder of extra task YAMLs (local tasks), searched before the built-in ones
+    lm_eval_include_path: str = field(metadata=RESUMABLE, default="")
 
 
 @dataclass
@@ -212,24 +225,21 @@ class Config:
         return dataclasses.asdict(self)
 
 
-_CHOICES = {
-    "model.quantization": ("nf4", "none"),
-    "model.dtype": ("auto", "fp32", "bf16", "fp16"),
-    "pruning.criterion": ("lora", "full_grad", "taylor", "magnitude", "random"),
-    "pruning.scope": ("global", "uniform"),
-    "pruning.head_unit": ("kv_group", "query"),
-    "pruning.normalize": ("l2", "none"),
-    "pruning.lora_reduce": ("element", "vector"),
-}
+def resumable_keys(cls: type | None = None, prefix: str = "") -> frozenset[str]:
+    """Dotted names of the ``resumable`` fields of ``cls`` (default: Config) and its sections."""
+    cls = cls or Config
+    hints = typing.get_type_hints(cls)
+    out: set[str] = set()
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            out |= resumable_keys(hints[f.name], f"{prefix}{f.name}.")
+        elif f.metadata.get("resumable"):
+            out.add(f"{prefix}{f.name}")
+    return frozenset(out)
 
 
 def _validate(cfg: Config, check_environment: bool = True) -> list[str]:
     errs: list[str] = []
-    for key, choices in _CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value not in choices:
-            errs.append(f"{key}={value!r}: must be one of {', '.join(choices)}")
     if not cfg.model.path:
         errs.append("model.path is empty: set it to a local Hugging Face model directory")
     if not str(cfg.output.dir).strip():
@@ -306,10 +316,31 @@ def _validate(cfg: Config, check_environment: bool = True) -> list[str]:
         errs.append(f"lora.dropout={cfg.lora.dropout}: must be in [0, 1)")
     if not cfg.lora.target_modules:
         errs.append("lora.target_modules is empty: list the projections to adapt, e.g. [q_proj, o_proj]")
+    errs += lora_coverage_problems(p.criterion, {m.rsplit(".", 1)[-1] for m in cfg.lora.target_modules})
     errs += _validate_distill(cfg)
     errs += _validate_logging(cfg.logging, check_environment)
     errs += _validate_eval(cfg.eval, check_environment)
     return errs
+
+
+# criterion=lora scores each unit kind from the adapters on its projections: the one definition of which.
+LORA_SCORED_BY = (
+    ("heads", ("q_proj", "k_proj", "v_proj", "o_proj")),
+    ("channels", ("gate_proj", "up_proj", "down_proj")),
+)
+
+
+def lora_coverage_problems(criterion: str, adapted: set[str]) -> list[str]:
+    """``adapted``: projection names with LoRA (from lora.target_modules, or read off the loaded model)."""
+    if criterion != "lora":
+        return []
+    return [
+        f"pruning.criterion=lora needs LoRA on at least one of {', '.join(names)} to score {kind} "
+        f"(lora.target_modules={sorted(adapted) or 'none of them'}); add them to lora.target_modules "
+        "or use pruning.criterion=taylor"
+        for kind, names in LORA_SCORED_BY
+        if not adapted & set(names)
+    ]
 
 
 def _validate_distill(cfg: Config) -> list[str]:
@@ -374,8 +405,6 @@ def _validate_data(d: DataConfig) -> list[str]:
             "data.train is empty: set it to a text file (.txt), a record file (.jsonl, .json, .csv, .parquet) "
             "or a save_to_disk directory"
         )
-    if d.format not in DATA_FORMATS:
-        errs.append(f"data.format={d.format!r}: must be one of {', '.join(DATA_FORMATS)}")
     for i, e in enumerate(d.mix):
         key = f"data.mix[{i}]"
         if not isinstance(e, dict):
@@ -405,9 +434,23 @@ def _validate_data(d: DataConfig) -> list[str]:
     return errs
 
 
+_BAD = object()  # _coerce's result for a value of the wrong type: the field keeps its default
+
+
 def _coerce(value: Any, tp: Any, key: str, errs: list[str]) -> Any:
-    """Check a YAML value against a dataclass field type; ints are accepted for floats."""
+    """Check a YAML value against a dataclass field type (ints are accepted for floats); ``_BAD`` if wrong."""
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            errs.append(f"{key}={value!r}: must be one of {', '.join(map(str, choices))}")
+            return _BAD
+        return value
+    if origin is list and typing.get_origin(typing.get_args(tp)[0]) is dict:  # data.mix: entries checked later
+        if not isinstance(value, list):
+            errs.append(f"{key}={value!r}: expected a list of mappings, e.g. [{{path: a.jsonl, weight: 2}}]")
+            return _BAD
+        return value
     if origin is list:
         elem = (typing.get_args(tp) or (str,))[0]
         if isinstance(value, str):  # CLI: lora.target_modules=q_proj,v_proj
@@ -417,6 +460,7 @@ def _coerce(value: Any, tp: Any, key: str, errs: list[str]) -> Any:
         ok = isinstance(value, list) and all(isinstance(v, elem) and not isinstance(v, bool) for v in value)
         if not ok:
             errs.append(f"{key}={value!r}: expected a list of {'strings' if elem is str else 'integers'}")
+            return _BAD
         return value
     if tp is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
@@ -429,6 +473,7 @@ def _coerce(value: Any, tp: Any, key: str, errs: list[str]) -> Any:
         return str(value)
     if not isinstance(value, tp) or (tp is int and isinstance(value, bool)):
         errs.append(f"{key}={value!r}: expected {tp.__name__}")
+        return _BAD
     return value
 
 
@@ -448,8 +493,8 @@ def _apply(obj: Any, data: dict[str, Any], prefix: str, errs: list[str]) -> None
                 errs.append(f"{full}: expected a mapping of {', '.join(f.name for f in dataclasses.fields(current))}")
             else:
                 _apply(current, value, f"{full}.", errs)
-        else:
-            setattr(obj, key, _coerce(value, hints[key], full, errs))
+        elif (coerced := _coerce(value, hints[key], full, errs)) is not _BAD:
+            setattr(obj, key, coerced)
 
 
 def parse_overrides(overrides: list[str]) -> dict[str, Any]:
@@ -484,8 +529,7 @@ def config_from_dict(data: dict[str, Any], source: str = "config", check_environ
     _apply(cfg, data, "", errs)
     if isinstance(cfg.output.dir, str) and cfg.output.dir.startswith("~"):  # not a literal ./~ folder
         cfg.output.dir = str(Path(cfg.output.dir).expanduser())
-    if not errs:
-        errs = _validate(cfg, check_environment)
+    errs += _validate(cfg, check_environment)  # every rule runs: one error lists every problem
     if errs:
         raise ConfigError(f"{source}: {len(errs)} problem(s):\n  - " + "\n  - ".join(errs))
     return cfg

@@ -20,7 +20,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.config.schema import InputError
+from pipeline.errors import InputError
 
 SOURCE_FILE = "source.json"  # written into converted directories: where the weights came from
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")

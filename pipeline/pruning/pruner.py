@@ -8,8 +8,9 @@ import time
 import torch
 from torch import nn
 
-from pipeline.config.schema import ConfigError, PruningConfig
+from pipeline.config.schema import PruningConfig, lora_coverage_problems
 from pipeline.dist import comm as D
+from pipeline.errors import ConfigError
 from pipeline.model.structure import Structure, StructureError
 from pipeline.pruning.aggregation import ScoreTracker, all_reduce_scores, combine, mask_grad_scores, mix_mask_grad
 from pipeline.pruning.importance import FullGradients, ScoreLayout, module_refs, module_scores
@@ -33,21 +34,12 @@ def check_width_rules(s: Structure, p: PruningConfig) -> None:
         raise StructureError("; ".join(problems))
 
 
-_SCORED_BY = (("heads", ("q_proj", "k_proj", "v_proj", "o_proj")), ("channels", ("gate_proj", "up_proj", "down_proj")))
-
-
 def check_lora_coverage(criterion: str, adapted: set[str]) -> None:
-    """criterion=lora scores each unit kind from the adapters on its projections: both kinds need one.
-    ``adapted``: projection names with LoRA (checked from lora.target_modules before loading, then on the model)."""
-    if criterion != "lora":
-        return
-    for kind, names in _SCORED_BY:
-        if not adapted & set(names):
-            raise ConfigError(
-                f"pruning.criterion=lora needs LoRA on at least one of {', '.join(names)} to score {kind} "
-                f"(lora.target_modules={sorted(adapted) or 'none of them'}); add them to lora.target_modules "
-                "or use pruning.criterion=taylor"
-            )
+    """The config-time rule (pipeline.config.schema) re-checked on the loaded model, whose module names
+    may differ from lora.target_modules: ``adapted`` = projection names that carry LoRA."""
+    problems = lora_coverage_problems(criterion, adapted)
+    if problems:
+        raise ConfigError("; ".join(problems))
 
 
 class Pruner:

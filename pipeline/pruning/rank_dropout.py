@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from pipeline.errors import ConfigError
+
 
 def attach_rank_dropout(model: nn.Module, p: float, adapter: str = "default") -> list[RemovableHandle]:
     if not 0.0 < p < 1.0:
@@ -27,5 +29,8 @@ def attach_rank_dropout(model: nn.Module, p: float, adapter: str = "default") ->
         if isinstance(lora_b, nn.ModuleDict) and adapter in lora_b:
             handles.append(lora_b[adapter].register_forward_pre_hook(hook))
     if not handles:
-        raise ValueError("lora.rank_dropout is set but the model has no LoRA layers")
+        raise ConfigError(
+            f"lora.rank_dropout={p} but no module of the model carries LoRA: none of lora.target_modules matched "
+            "its layer names; list the model's projection names there, or set lora.rank_dropout=0"
+        )
     return handles

@@ -42,7 +42,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from benchmarks.report import WIDTHS_PNG
-from pipeline.config.schema import Config, InputError, save_config
+from pipeline.config.schema import Config, InputError, resumable_keys, save_config
 from pipeline.dist import comm as D
 from pipeline.train.logs import WANDB_ID, info
 
@@ -71,30 +71,9 @@ STATE = "state.json"
 TENSORS = "pruning.safetensors"
 ENGINE_TAG = "engine"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
-# Keys that may differ between the run that wrote a checkpoint and the run resuming it: they do
-# not change what is computed. Any other difference is refused.
-RESUMABLE_CHANGES = frozenset(
-    {
-        "train.resume",
-        "train.save_every",
-        "train.keep_last",
-        "train.max_bad_steps",
-        "train.log_every",
-        "train.eval_every",
-        "output.dir",
-        "output.overwrite",
-        "data.num_proc",
-        "data.cache_dir",
-        "logging.report_to",
-        "logging.project",
-        "logging.run_name",
-        "eval.lm_eval_tasks",  # evaluated once, after the last step
-        "eval.lm_eval_limit",
-        "eval.lm_eval_batch_size",
-        "eval.lm_eval_num_fewshot",
-        "eval.lm_eval_include_path",
-    }
-)
+# Keys that may differ between the run that wrote a checkpoint and the run resuming it (marked on the
+# config fields); any other difference is refused.
+RESUMABLE_CHANGES = resumable_keys()
 
 
 class OutputError(InputError):

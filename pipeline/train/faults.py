@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from pipeline.config.schema import ConfigError
+from pipeline.errors import ConfigError
 
 ENV = "PIPELINE_FAULTS"
 KINDS = ("sigkill", "sigterm", "sigint", "nan")
