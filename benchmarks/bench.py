@@ -308,7 +308,7 @@ def _oneshot_method(run_dir: Path, st: BenchSettings, windows: Any) -> list[dict
 
     from pipeline.export.compact import load_run
     from pipeline.export.verify import load_masked_model
-    from pipeline.pruning.selection import decide
+    from pipeline.pruning.pruner import decide_units
     from pipeline.train.evaluation import perplexity
 
     run = load_run(run_dir)
@@ -316,20 +316,11 @@ def _oneshot_method(run_dir: Path, st: BenchSettings, windows: Any) -> list[dict
     scores = load_file(str(run_dir / "scores.safetensors"))
     heads, chans = scores["scores.heads"], scores["scores.channels"]
     model, masks = load_masked_model(run)
-    groups = s.num_kv_heads if s.head_unit == "query" else 1  # as Pruner.decide
     rows = []
     for scope in st.scopes:
         for sparsity in st.sparsities:
-            keep_h, keep_c = decide(
-                heads,
-                chans,
-                torch.ones_like(heads, dtype=torch.bool),
-                torch.ones_like(chans, dtype=torch.bool),
-                sparsity,
-                scope,
-                run.cfg.pruning.max_layer_sparsity,
-                groups,
-            )
+            masks.set_units(torch.ones_like(heads, dtype=torch.bool), torch.ones_like(chans, dtype=torch.bool))
+            keep_h, keep_c = decide_units(s, heads, chans, masks, sparsity, scope, run.cfg.pruning.max_layer_sparsity)
             masks.set_units(keep_h, keep_c)
             _loss, ppl = perplexity(model, windows)
             rows.append(

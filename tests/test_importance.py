@@ -5,19 +5,26 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from pipeline.config.schema import ConfigError, config_from_dict
+from pipeline.config.schema import ConfigError, PruningConfig, config_from_dict
 from pipeline.model.structure import discover
 from pipeline.pruning.aggregation import combine
+from pipeline.pruning.criteria import CRITERIA, ModuleCriterion, ScoringContext
 from pipeline.pruning.importance import (
-    FullGradients,
     ScoreLayout,
     base_weight,
     lora_module_scores,
     module_refs,
     module_scores,
 )
+from pipeline.pruning.masks import Masks
 
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def _criterion(name: str, peft, layout: ScoreLayout) -> ModuleCriterion:
+    """The registered criterion ``name`` on ``peft`` with the default settings (as the pruner makes it)."""
+    s = layout.s
+    return CRITERIA[name](ScoringContext(s, module_refs(peft), layout, Masks(s), PruningConfig(criterion=name), 0))
 
 
 def _trained_peft(model_dir, r=4, alpha=8.0, targets=tuple(ALL)):
@@ -57,7 +64,7 @@ def test_module_scores_match_brute_force(make_model, arch: str):
     peft = _trained_peft(make_model(arch))
     s = discover(peft)
     layout = ScoreLayout(s)
-    flat = module_scores(module_refs(peft), layout, "lora")
+    flat = module_scores(module_refs(peft), layout, _criterion("lora", peft, layout))
     for ref in module_refs(peft):
         m = ref.module
         a, b = m.lora_A["default"].weight, m.lora_B["default"].weight
@@ -78,7 +85,7 @@ def test_magnitude_scores_are_unit_norms(make_model):
     peft = _trained_peft(make_model("llama"))
     s = discover(peft)
     layout = ScoreLayout(s)
-    flat = module_scores(module_refs(peft), layout, "magnitude")
+    flat = module_scores(module_refs(peft), layout, _criterion("magnitude", peft, layout))
     m = peft.base_model.model.model.layers[0].mlp.down_proj
     merged = m.base_layer.weight + m.scaling["default"] * m.lora_B["default"].weight @ m.lora_A["default"].weight
     torch.testing.assert_close(layout.slice(flat, 0, "down_proj"), merged.detach().norm(dim=0).double())
@@ -93,7 +100,8 @@ def test_full_grad_scores_match_autograd(make_model, targets):
     s = discover(peft)
     layout, refs = ScoreLayout(s), module_refs(peft)
     xs = [torch.randint(0, 500, (2, 16), generator=torch.Generator().manual_seed(i)) for i in range(2)]
-    full = FullGradients(refs)
+    crit = _criterion("full_grad", peft, layout)
+    refs, full = crit.ctx.refs, crit.full
     full.arm(False)
     peft(input_ids=xs[0], labels=xs[0]).loss.backward()  # not armed: nothing accumulated
     assert all(g is None for g in full.grads)
@@ -101,7 +109,7 @@ def test_full_grad_scores_match_autograd(make_model, targets):
     for x in xs:
         (peft(input_ids=x, labels=x).loss / 2).backward()
     assert all(g is not None for g in full.grads)
-    flat = module_scores(refs, layout, "full_grad", full=full)
+    flat = module_scores(refs, layout, crit)
     full.arm(False)
     full.remove()
 

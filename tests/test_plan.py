@@ -170,6 +170,7 @@ def _measure(rank: int, world: int, port: int, config: str, results: Any) -> Non
     from pipeline.dist import comm as D
     from pipeline.model.loading import load_model
     from pipeline.model.structure import discover
+    from pipeline.pruning.criteria import LoraCriterion, ScoringContext
     from pipeline.pruning.importance import ScoreLayout, module_refs, module_scores
     from pipeline.pruning.masks import Masks
 
@@ -193,8 +194,10 @@ def _measure(rank: int, world: int, port: int, config: str, results: Any) -> Non
     held = _held_bytes(model, optim)
     with LiveBytes() as train:
         engine.backward(engine(input_ids=x, labels=x).loss)
+    refs, layout = module_refs(model), ScoreLayout(structure)
+    lora = LoraCriterion(ScoringContext(structure, refs, layout, Masks(structure), cfg.pruning, 0))
     with LiveBytes() as score:
-        module_scores(module_refs(model), ScoreLayout(structure), "lora")
+        module_scores(refs, layout, lora)
     with LiveBytes() as step:
         engine.step()
     results[rank] = {"resident": sum(held.values()), "load": loaded, "train": train.peak, "score": score.peak}

@@ -26,8 +26,8 @@ from pipeline.train.checkpoint import (
     start_fresh,
     write_summary,
 )
+from pipeline.train.logs import log_rows
 from pipeline.train.rundir import LOCK, OutputLock, check_output_dir, clean_stale_staging, promote
-from pipeline.train.trainer import log_rows
 
 
 def _dead_pid() -> int:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import bitsandbytes as bnb
 import torch
@@ -33,6 +33,9 @@ from torch.utils.hooks import RemovableHandle
 
 from pipeline.dist import comm as D
 from pipeline.model.structure import ATTN, INPUT_UNIT_MODULES, MLP, Structure, decoder_layers, layer_modules
+
+if TYPE_CHECKING:
+    from pipeline.pruning.criteria import ModuleCriterion
 
 MODULES = ATTN + MLP
 _ROW_CHUNK = 4096  # rows of a projection scored at once: bounds the dense transient
@@ -227,44 +230,20 @@ def owner(index: int) -> int:
     return index % D.world_size()
 
 
-def module_scores(
-    refs: list[ModuleRef],
-    layout: ScoreLayout,
-    criterion: str,
-    reduce: str = "element",
-    full: FullGradients | None = None,
-) -> torch.Tensor:
-    """Flat per-module scores for this rank's modules (zeros elsewhere); collectives on every rank.
-
-    ``criterion``: lora, magnitude, or full_grad (then ``full`` holds the accumulated gradients)."""
+def module_scores(refs: list[ModuleRef], layout: ScoreLayout, criterion: ModuleCriterion) -> torch.Tensor:
+    """Flat per-module scores for this rank's modules (zeros elsewhere); collectives on every rank."""
     flat = torch.zeros(layout.numel, dtype=torch.float64, device=D.comm_device())
     me = D.rank()
     for i, ref in enumerate(refs):
-        if criterion == "lora" and not ref.has_lora:
+        if criterion.skips_unadapted and not ref.has_lora:
             continue  # no adapter: no gradient proxy for this module (same decision on every rank)
         w = base_weight(ref.module)
-        params = [w]
-        if ref.has_lora:
-            a, b, s = _lora_parts(ref.module)
-            params += [a, b]
-        grads = None
-        if criterion == "lora":
-            grads = (D.full_grad(a), D.full_grad(b))  # collective under ZeRO-3
-        elif criterion == "full_grad":
-            g = full.averaged(i)  # collective: all-reduce of the weight gradient
+        lora = _lora_parts(ref.module) if ref.has_lora else None
+        params = [w] if lora is None else [w, lora[0], lora[1]]
+        grads = criterion.gradients(i, ref, lora)  # collective for gradient criteria
         with D.gathered(params):  # collective under ZeRO-3
             if owner(i) != me:
                 continue
-            dense = dense_weight(w)
-            unit = layout.unit_size(ref.name)
-            if criterion == "lora":
-                v = lora_module_scores(dense, a.data, b.data, grads[0], grads[1], s, ref.name, unit, reduce)
-            else:
-                if ref.has_lora:  # dL/dW' = dL/dW: the merged weight is what the forward uses
-                    dense = dense + s * (b.data.float() @ a.data.float())
-                if criterion == "full_grad":
-                    v = taylor_module_scores(dense, g, ref.name, unit)
-                else:
-                    v = magnitude_module_scores(dense, ref.name, unit)
+            v = criterion.module_score(dense_weight(w), ref, lora, grads, layout.unit_size(ref.name))
             layout.slice(flat, ref.layer, ref.name).copy_(v.to(flat))
     return flat

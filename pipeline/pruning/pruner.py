@@ -12,8 +12,9 @@ from pipeline.config.schema import PruningConfig, lora_coverage_problems
 from pipeline.dist import comm as D
 from pipeline.errors import ConfigError
 from pipeline.model.structure import Structure, StructureError
-from pipeline.pruning.aggregation import ScoreTracker, all_reduce_scores, combine, mask_grad_scores, mix_mask_grad
-from pipeline.pruning.importance import FullGradients, ScoreLayout, module_refs, module_scores
+from pipeline.pruning.aggregation import ScoreTracker
+from pipeline.pruning.criteria import ScoringContext, make_criterion
+from pipeline.pruning.importance import ScoreLayout, module_refs
 from pipeline.pruning.masks import Masks
 from pipeline.pruning.schedule import CubicSchedule
 from pipeline.pruning.selection import WidthRules, auto_round_to, decide, width_rule_problems
@@ -42,6 +43,24 @@ def check_lora_coverage(criterion: str, adapted: set[str]) -> None:
         raise ConfigError("; ".join(problems))
 
 
+def decide_units(
+    s: Structure,
+    heads: torch.Tensor,
+    channels: torch.Tensor,
+    masks: Masks,
+    fraction: float,
+    scope: str,
+    max_layer_sparsity: float,
+    rules: WidthRules | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scores -> (head, channel) keep-masks at unit granularity among the units ``masks`` still keeps: the one
+    decision rule of training, the reachability check and the benchmark's one-shot masks."""
+    groups = s.num_kv_heads if s.head_unit == "query" else 1  # query units are pruned within each KV group
+    return decide(
+        heads, channels, masks.head_units(), masks.channel_units(), fraction, scope, max_layer_sparsity, groups, rules
+    )
+
+
 class Pruner:
     def __init__(self, model: nn.Module, s: Structure, masks: Masks, p: PruningConfig, steps: int, seed: int) -> None:
         self.s, self.masks, self.p = s, masks, p
@@ -51,18 +70,8 @@ class Pruner:
         self.tracker = ScoreTracker(p.ema)
         self.decisions: list[int] = []
         check_lora_coverage(p.criterion, {r.name for r in self.refs if r.has_lora})
-        self._random: tuple[torch.Tensor, torch.Tensor] | None = None
-        if p.criterion == "random":
-            g = torch.Generator().manual_seed(seed)  # same draw on every rank
-            self._random = (
-                torch.rand(s.num_layers, s.head_units, generator=g, dtype=torch.float64),
-                torch.rand(s.num_layers, s.intermediate_size, generator=g, dtype=torch.float64),
-            )
-        # lora with mask_grad_mix > 0 also reads |dL/dm|: mask gradients come with the backward.
-        self.mix = p.criterion == "lora" and p.mask_grad_mix > 0
-        masks.requires_grad_(p.criterion == "taylor" or self.mix)
-        # full_grad: hooks that accumulate every projection's weight gradient on scored steps.
-        self.full = FullGradients(self.refs) if p.criterion == "full_grad" else None
+        self.criterion = make_criterion(ScoringContext(s, self.refs, self.layout, masks, p, seed))
+        masks.requires_grad_(self.criterion.masks_need_grad)
         self.score_seconds = 0.0  # wall time in score(), and the bytes it all-reduced (perf summary)
         self.score_allreduce_bytes = 0
 
@@ -78,24 +87,12 @@ class Pruner:
 
     def begin_step(self, t: int) -> None:
         """Call on every rank before step ``t``'s first forward."""
-        if self.full is not None:
-            self.full.arm(self.score_due(t))
+        self.criterion.begin_step(self.score_due(t))
 
     def score(self) -> None:
         """Call on every rank between the boundary backward() and step()."""
         t0, sent = time.perf_counter(), D.traffic["all_reduce"]
-        crit = self.p.criterion
-        if crit in ("lora", "magnitude", "full_grad"):
-            flat = all_reduce_scores(module_scores(self.refs, self.layout, crit, self.p.lora_reduce, self.full))
-            heads, chans = combine(flat, self.layout, self.p.normalize)
-            if self.mix:
-                g_h, g_c = mask_grad_scores(self.masks)  # one all-reduce, like the LoRA scores
-                heads = mix_mask_grad(heads, g_h, self.p.mask_grad_mix)
-                chans = mix_mask_grad(chans, g_c, self.p.mask_grad_mix)
-        elif crit == "taylor":
-            heads, chans = mask_grad_scores(self.masks)
-        else:
-            heads, chans = self._random
+        heads, chans = self.criterion.scores()
         self.tracker.update(heads, chans)
         self.score_seconds += time.perf_counter() - t0
         self.score_allreduce_bytes += D.traffic["all_reduce"] - sent
@@ -105,16 +102,14 @@ class Pruner:
         target = self.schedule.sparsity(t)
         if self.tracker.heads is None:
             raise RuntimeError("no valid scores before the first mask decision (all scoring events were non-finite)")
-        groups = self.s.num_kv_heads if self.s.head_unit == "query" else 1
-        keep_h, keep_c = decide(
+        keep_h, keep_c = decide_units(
+            self.s,
             self.tracker.heads,
             self.tracker.channels,
-            self.masks.head_units(),
-            self.masks.channel_units(),
+            self.masks,
             target,
             self.p.scope,
             self.p.max_layer_sparsity,
-            groups,
             width_rules(self.s, self.p),
         )
         self.masks.set_units(keep_h, keep_c)
@@ -139,17 +134,8 @@ def reachable_sparsity(s: Structure, p: PruningConfig) -> float:
     """The largest fraction of prunable parameters the caps allow on this model (max_layer_sparsity, one
     unit of each kind kept per layer or KV group): the decision rule itself, at fraction 1."""
     m = Masks(s)
-    groups = s.num_kv_heads if s.head_unit == "query" else 1
-    keep_h, keep_c = decide(
-        torch.zeros(s.num_layers, s.head_units),
-        torch.zeros(s.num_layers, s.intermediate_size),
-        m.head_units(),
-        m.channel_units(),
-        1.0,
-        p.scope,
-        p.max_layer_sparsity,
-        groups,
-    )
+    zeros_h, zeros_c = torch.zeros(s.num_layers, s.head_units), torch.zeros(s.num_layers, s.intermediate_size)
+    keep_h, keep_c = decide_units(s, zeros_h, zeros_c, m, 1.0, p.scope, p.max_layer_sparsity)
     m.set_units(keep_h, keep_c)
     return m.sparsity()
 

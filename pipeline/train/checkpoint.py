@@ -44,12 +44,11 @@ from torch import nn
 from benchmarks.report import WIDTHS_PNG
 from pipeline.config.schema import Config, InputError, resumable_keys, save_config
 from pipeline.dist import comm as D
-from pipeline.train.logs import WANDB_ID, info
+from pipeline.train.logs import TRAIN_LOG, WANDB_ID, dumps, info
 
 SUMMARY = "summary.json"  # written last: a run directory with it is a finished run
 RUN_CONFIG = "resolved_config.yaml"
 LEGACY_RUN_CONFIG = "config.yaml"  # what runs before resolved_config.yaml called it
-TRAIN_LOG = "train_log.jsonl"  # rank 0: one row per logged step (loss, lr, sparsity)
 CHECKPOINTS = "checkpoints"
 ADAPTER = "adapter"
 # What a run writes at the top of output.dir (wandb/ is shared by every W&B run logged there).
@@ -103,23 +102,6 @@ def step_dirs(root: Path) -> list[Path]:
         return []
     found = [p for p in root.iterdir() if p.is_dir() and _step_of(p) is not None]
     return sorted(found, key=lambda p: _step_of(p) or 0, reverse=True)
-
-
-def finite_json(obj: Any) -> Any:
-    """``obj`` with NaN and infinities as None: JSON has no NaN (``json.dumps`` writes a bare ``NaN``
-    that strict parsers such as JavaScript's ``JSON.parse`` reject)."""
-    if isinstance(obj, float):
-        return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
-    if isinstance(obj, dict):
-        return {k: finite_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite_json(v) for v in obj]
-    return obj
-
-
-def dumps(obj: Any, indent: int | None = None) -> str:
-    """Strict JSON (non-finite numbers as null) for every JSON file the pipeline writes."""
-    return json.dumps(finite_json(obj), indent=indent, allow_nan=False)
 
 
 def _sha256(path: Path) -> str:

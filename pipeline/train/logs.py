@@ -20,11 +20,71 @@ from pipeline.config.schema import LoggingConfig
 from pipeline.dist import comm as D
 
 WANDB_ID = "wandb_run_id"  # in output.dir: a resumed run continues the same W&B run
+TRAIN_LOG = "train_log.jsonl"  # rank 0: one row per logged step (loss, lr, sparsity)
 
 
 def info(msg: str) -> None:
     if D.is_main():
         print(f"[prune] {msg}", file=sys.stderr, flush=True)
+
+
+def finite_json(obj: Any) -> Any:
+    """``obj`` with NaN and infinities as None: JSON has no NaN (``json.dumps`` writes a bare ``NaN``
+    that strict parsers such as JavaScript's ``JSON.parse`` reject)."""
+    if isinstance(obj, float):
+        return obj if obj == obj and obj not in (float("inf"), float("-inf")) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
+def dumps(obj: Any, indent: int | None = None) -> str:
+    """Strict JSON (non-finite numbers as null) for every JSON file the pipeline writes."""
+    return json.dumps(finite_json(obj), indent=indent, allow_nan=False)
+
+
+def log_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of train_log.jsonl. A torn last line (the process killed mid-write) is dropped with a
+    warning; an unreadable line before the last is a corrupt log, refused naming the line."""
+    from pipeline.train.checkpoint import CheckpointError  # checkpoint imports this module
+
+    lines = path.read_text().splitlines()
+    rows = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except ValueError as e:
+            if i == len(lines):
+                info(f"warning: {path}: dropping its torn last line {i} ({line[:60]!r}); its writer was killed")
+                continue
+            raise CheckpointError(
+                f"{path}:{i}: not a JSON row ({e}); repair or delete the line (the log is for reading only)"
+            ) from None
+    return rows
+
+
+class TrainLog:
+    """train_log.jsonl in the run directory (rank 0): emptied by a fresh run, cut back to the resumed step
+    by a resumed one (a killed run may have logged past its last checkpoint), one flushed row per append."""
+
+    def __init__(self, run_dir: Path, start: int) -> None:
+        self.path = run_dir / TRAIN_LOG
+        if start == 0:
+            self.path.unlink(missing_ok=True)
+        elif self.path.exists():
+            rows = log_rows(self.path)
+            self.path.write_text("".join(dumps(r) + "\n" for r in rows if r["step"] <= start))
+
+    def append(self, row: dict[str, Any]) -> None:
+        with self.path.open("a") as f:  # closed per row: a kill loses at most the row being written
+            f.write(dumps(row) + "\n")
+
+    def move(self, run_dir: Path) -> None:
+        self.path = run_dir / TRAIN_LOG
 
 
 def peak_memory_mb() -> float:
@@ -151,8 +211,10 @@ class RunLogger:
         lg = lg or LoggingConfig()
         self.backends: list[Any] = []
         self.bar = None
+        self.train_log: TrainLog | None = None
         if D.is_main():
             out = Path(out_dir)
+            self.train_log = TrainLog(out, start)
             if "tensorboard" in lg.report_to:
                 self.backends.append(_TensorBoard(out))
             if "wandb" in lg.report_to:
@@ -162,6 +224,11 @@ class RunLogger:
     def scalars(self, step: int, values: dict[str, float]) -> None:
         for b in self.backends:
             b.scalars(step, values)
+
+    def row(self, row: dict[str, Any]) -> None:
+        """One row of train_log.jsonl (rank 0; a no-op elsewhere)."""
+        if self.train_log is not None:
+            self.train_log.append(row)
 
     def final(self, step: int, summary: dict[str, Any], widths_png: Path | None = None) -> None:
         """The run's summary and per-layer kept widths, once at the end."""
@@ -185,6 +252,8 @@ class RunLogger:
         finally:
             for b in tbs:
                 b.open(new_dir)
+            if self.train_log is not None:
+                self.train_log.move(new_dir)
 
     def close(self, ok: bool = True) -> None:
         if self.bar is not None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import random
 import signal
@@ -32,9 +31,6 @@ from pipeline.pruning.rank_pruning import RankPruner
 from pipeline.train.checkpoint import (
     CHECKPOINTS,
     RUN_CONFIG,
-    TRAIN_LOG,
-    CheckpointError,
-    dumps,
     load_checkpoint,
     resolve_resume,
     save_checkpoint,
@@ -224,7 +220,6 @@ class Trainer:
             if D.is_main():
                 out.mkdir(parents=True, exist_ok=True)
                 start_fresh(out)
-                (out / TRAIN_LOG).unlink(missing_ok=True)
             eval_before = evaluate(self.engine, self.eval_blocks, t.micro_batch_size)
         if D.is_main():
             save_config(cfg, out / RUN_CONFIG)
@@ -380,10 +375,8 @@ class Trainer:
             values.update({f"lora/rank/{n}": r for n, r in self.rank_pruner.ranks().items()})
         if step % t.log_every == 0:
             log.scalars(step, values)
-            if D.is_main():
-                row = {"step": step, "loss": self.last_loss, "lr": values["train/lr"]}
-                with (self.work / TRAIN_LOG).open("a") as f:
-                    f.write(dumps({**row, "sparsity": values["prune/sparsity_achieved"]}) + "\n")
+            row = {"step": step, "loss": self.last_loss, "lr": values["train/lr"]}
+            log.row({**row, "sparsity": values["prune/sparsity_achieved"]})
         log.progress({"loss": f"{self.last_loss:.3f}", "sparsity": f"{self.masks.sparsity():.3f}"})
 
     def _checkpoint(self, step: int, eval_before: tuple[float, float]) -> Path:
@@ -420,10 +413,6 @@ class Trainer:
             out.mkdir(parents=True, exist_ok=True)
             if ckpt.parent.resolve() == (out / CHECKPOINTS).resolve():
                 supersede_after(ckpt)
-            log = out / TRAIN_LOG
-            if log.exists():  # drop the steps a killed run logged after this checkpoint
-                rows = log_rows(log)
-                log.write_text("".join(dumps(r) + "\n" for r in rows if r["step"] <= start))
         info(f"resumed from {ckpt} at step {start} of {self.cfg.train.steps}")
         return start, (_num(state["eval_before"][0]), _num(state["eval_before"][1]))
 
@@ -492,23 +481,3 @@ class Trainer:
 def _num(x: float | None) -> float:
     """A number read back from strict JSON, where NaN was written as null."""
     return math.nan if x is None else float(x)
-
-
-def log_rows(path: Path) -> list[dict[str, Any]]:
-    """The rows of train_log.jsonl. A torn last line (the process killed mid-write) is dropped with a
-    warning; an unreadable line before the last is a corrupt log, refused naming the line."""
-    lines = path.read_text().splitlines()
-    rows = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except ValueError as e:
-            if i == len(lines):
-                info(f"warning: {path}: dropping its torn last line {i} ({line[:60]!r}); its writer was killed")
-                continue
-            raise CheckpointError(
-                f"{path}:{i}: not a JSON row ({e}); repair or delete the line (the log is for reading only)"
-            ) from None
-    return rows
