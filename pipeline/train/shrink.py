@@ -8,7 +8,10 @@ re-nesting a subset would re-quantize them and change the weights. Column-sliced
 down_proj) cannot keep their blocks: ``slice_nf4_cols`` either re-quantizes the slice (``requantize``) or
 keeps it dense in the compute dtype (``dense``, exact, 4x the bytes of NF4 for those two projections).
 
-What does not exist yet: rebuilding the ZeRO-3 engine mid-run with the cut state (the config refuses
+``shrink_projection`` applies the cuts in place to one (PEFT LoRA) projection outside ZeRO-3.
+
+What does not exist yet: per-layer attention attributes (num_key_value_groups) and kept-space masks on a
+whole model, rebuilding the ZeRO-3 engine mid-run with the cut state (the config refuses
 ``pruning.shrink`` other than off until it does; pipeline/config/schema.py ``validate_shrink``).
 """
 
@@ -104,3 +107,48 @@ def slice_nf4_cols(
     return bnb.functional.quantize_4bit(
         w, blocksize=NF4_BLOCKSIZE, compress_statistics=state.nested, quant_type="nf4", quant_storage=packed.dtype
     )
+
+
+@torch.no_grad()
+def shrink_projection(module: torch.nn.Module, name: str, idx: torch.Tensor, col_mode: str = "dense") -> None:
+    """Cut one projection in place (no ZeRO-3 partitioning): a PEFT LoRA layer or a plain Linear, NF4 or not."""
+    base = getattr(module, "base_layer", module)
+    w = base.weight
+    axis = 0 if name in ROW_SLICED else 1
+    if isinstance(w, bnb.nn.Params4bit):
+        if axis == 0:
+            packed, state = slice_nf4_rows(w.data, w.quant_state, idx)
+        else:
+            packed, state = slice_nf4_cols(w.data, w.quant_state, idx, col_mode)
+        if state is None:  # dense: the projection becomes a plain frozen weight in the compute dtype
+            new_w: torch.nn.Parameter = torch.nn.Parameter(packed.to(w.quant_state.dtype), requires_grad=False)
+            dense = torch.nn.Linear(packed.shape[1], packed.shape[0], bias=base.bias is not None, dtype=new_w.dtype)
+            dense.weight = new_w
+            dense.bias = base.bias
+            if base is module:
+                raise ValueError(f"shrink: {name} dense column mode needs a PEFT-wrapped layer to swap the base")
+            module.base_layer = base = dense
+        else:
+            base.weight = bnb.nn.Params4bit(
+                packed,
+                requires_grad=False,
+                quant_state=state,
+                quant_type="nf4",
+                blocksize=state.blocksize,
+                bnb_quantized=True,
+                module=base,
+            )
+    else:
+        base.weight = torch.nn.Parameter(w.index_select(axis, idx).contiguous(), requires_grad=w.requires_grad)
+    if axis == 0 and base.bias is not None:
+        base.bias = torch.nn.Parameter(base.bias.index_select(0, idx).contiguous(), requires_grad=False)
+    qs = getattr(base.weight, "quant_state", None)
+    base.out_features, base.in_features = tuple(base.weight.shape if qs is None else qs.shape)
+    for key in getattr(module, "lora_A", {}):
+        la, lb = module.lora_A[key], module.lora_B[key]
+        a, b = slice_lora(name, la.weight, lb.weight, idx)
+        la.weight = torch.nn.Parameter(a, requires_grad=la.weight.requires_grad)
+        lb.weight = torch.nn.Parameter(b, requires_grad=lb.weight.requires_grad)
+        la.in_features, lb.out_features = a.shape[1], b.shape[0]
+    if hasattr(module, "in_features"):
+        module.in_features, module.out_features = base.in_features, base.out_features

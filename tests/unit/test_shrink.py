@@ -5,9 +5,10 @@ from __future__ import annotations
 import bitsandbytes as bnb
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 
 from pipeline.config.schema import Config, validate_shrink
-from pipeline.train.shrink import layer_keep, slice_lora, slice_nf4_cols, slice_nf4_rows
+from pipeline.train.shrink import layer_keep, shrink_projection, slice_lora, slice_nf4_cols, slice_nf4_rows
 
 
 def _nf4(out_f: int, in_f: int, nested: bool, seed: int = 0):
@@ -79,3 +80,30 @@ def test_shrink_config_refusals() -> None:
     cfg.pruning.shrink = "final"
     errs = validate_shrink(cfg)
     assert any("distill.teacher=base" in e for e in errs) and any("not implemented yet" in e for e in errs)
+
+
+@pytest.mark.parametrize("name", ["up_proj", "down_proj"])
+@pytest.mark.parametrize("col_mode", ["dense", "requantize"])
+def test_shrink_projection_nf4_lora(name: str, col_mode: str) -> None:
+    """A PEFT LoRA layer over an NF4 Linear4bit: the cut layer computes the masked one's kept outputs."""
+    torch.manual_seed(0)
+    lin = torch.nn.Sequential()
+    lin.add_module(name, bnb.nn.Linear4bit(128, 128, bias=False, quant_type="nf4", compute_dtype=torch.float32))
+    w = torch.randn(128, 128) * 0.05
+    lin[0].weight = bnb.nn.Params4bit(w, requires_grad=False, quant_type="nf4")
+    lin[0].weight = lin[0].weight._quantize("cpu")  # what .to(device) does on a real load
+    assert lin[0].weight.quant_state is not None
+    model = get_peft_model(lin, LoraConfig(r=4, target_modules=[name], init_lora_weights=False))
+    layer = model.base_model.model[0]
+    x = torch.randn(5, 128)
+    idx = torch.arange(0, 128, 2)
+    mask = torch.zeros(128)
+    mask[idx] = 1
+    with torch.no_grad():
+        ref = layer(x)[:, idx] if name == "up_proj" else layer(x * mask)
+        shrink_projection(layer, name, idx, col_mode)
+        got = layer(x) if name == "up_proj" else layer(x[:, idx])
+    if name == "up_proj" or col_mode == "dense":
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+    else:
+        assert 0 < (got - ref).norm() / ref.norm() < 0.15
