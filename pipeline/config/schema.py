@@ -155,8 +155,6 @@ class PruningConfig:
     # zero-head padding on export; a tensor-parallel size that divides it shards every layer).
     round_to: int = 0
     kv_heads_multiple_of: int = 0
-    # final | every_decision | off: cut pruned units out of the model in flight (pipeline/train/shrink.py)
-    shrink: str = "off"
 
 
 @dataclass
@@ -320,7 +318,6 @@ def _validate(cfg: Config, check_environment: bool = True) -> list[str]:
         errs.append("lora.target_modules is empty: list the projections to adapt, e.g. [q_proj, o_proj]")
     errs += lora_coverage_problems(p.criterion, {m.rsplit(".", 1)[-1] for m in cfg.lora.target_modules})
     errs += _validate_distill(cfg)
-    errs += validate_shrink(cfg)
     errs += _validate_logging(cfg.logging, check_environment)
     errs += _validate_eval(cfg.eval, check_environment)
     return errs
@@ -363,29 +360,6 @@ def _validate_distill(cfg: Config) -> list[str]:
             "distill.enabled with lm_head in lora.target_modules: distillation projects hidden states "
             "through the frozen output embedding; remove lm_head from lora.target_modules"
         )
-    return errs
-
-
-SHRINK = ("final", "every_decision", "off")
-
-
-def validate_shrink(cfg: Config) -> list[str]:
-    shrink = cfg.pruning.shrink
-    if shrink not in SHRINK:
-        return [f"pruning.shrink={shrink!r}: use one of {', '.join(SHRINK)}"]
-    if shrink == "off":
-        return []
-    errs = []
-    if cfg.distill.enabled and cfg.distill.teacher == "base":
-        errs.append(
-            f"pruning.shrink={shrink} with distill.teacher=base: the in-engine teacher is the unmasked model, "
-            "which a physical shrink removes; set distill.enabled=false, a teacher model path, or pruning.shrink=off"
-        )
-    # The slicing (pipeline/train/shrink.py) exists; rebuilding the ZeRO-3 engine mid-run does not yet.
-    errs.append(
-        f"pruning.shrink={shrink}: the in-flight engine rebuild is not implemented yet (issue 14); "
-        "use pruning.shrink=off"
-    )
     return errs
 
 

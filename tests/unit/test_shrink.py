@@ -7,7 +7,6 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from pipeline.config.schema import Config, validate_shrink
 from pipeline.train.shrink import layer_keep, shrink_projection, slice_lora, slice_nf4_cols, slice_nf4_rows
 
 
@@ -70,16 +69,6 @@ def test_cut_lora_layer_equals_masked_layer() -> None:
     a_dn2, b_dn2 = slice_lora("down_proj", a_dn, b_dn, idx)
     cut = (x @ (w_up[idx] + b_up2 @ a_up2).T) @ (w_down[:, idx] + b_dn2 @ a_dn2).T
     torch.testing.assert_close(cut, masked, rtol=1e-5, atol=1e-5)
-
-
-def test_shrink_config_refusals() -> None:
-    cfg = Config()
-    assert validate_shrink(cfg) == []
-    cfg.pruning.shrink = "sometimes"
-    assert validate_shrink(cfg) == ["pruning.shrink='sometimes': use one of final, every_decision, off"]
-    cfg.pruning.shrink = "final"
-    errs = validate_shrink(cfg)
-    assert any("distill.teacher=base" in e for e in errs) and any("not implemented yet" in e for e in errs)
 
 
 @pytest.mark.parametrize("name", ["up_proj", "down_proj"])
