@@ -170,3 +170,47 @@ def restore_env():
 def file_tree(root: Path) -> dict[str, bytes]:
     """Every file below ``root`` with its bytes: equal trees mean nothing was written or lost."""
     return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+TASK_DATA = ROOT / "tests" / "data" / "lm_eval" / "tiny_vim.jsonl"
+
+
+SUMMARY = {  # the fields of summary.json the loggers and plots read
+    "model_path": "models/tiny",
+    "criterion": "lora",
+    "scope": "global",
+    "target_sparsity": 0.5,
+    "achieved_sparsity": 0.4821,
+    "eval_ppl_after": 12.5,
+    "structure": {"num_attention_heads": 8, "num_key_value_heads": 4, "intermediate_size": 96},
+    "kept_heads_per_layer": [8, 2],
+    "kept_kv_heads_per_layer": [4, 1],
+    "kept_channels_per_layer": [70, 30],
+    "perf": {"step_s": 0.5},
+}
+
+
+TEXTS = ["the quick brown fox", "vim is a text editor", "insert mode and normal mode"]
+
+
+@pytest.fixture
+def tok(tokenizer_dir: Path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tokenizer_dir)
+
+
+def jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def alpaca_record(t: str, extra: str = "") -> dict:
+    return {"instruction": f"Repeat: {t}", "input": extra, "output": t}
+
+
+def strict_json(text: str) -> object:
+    def bad(c: str) -> None:
+        raise ValueError(f"non-standard JSON constant {c}")
+
+    return json.loads(text, parse_constant=bad)

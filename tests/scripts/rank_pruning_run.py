@@ -9,8 +9,6 @@ from pathlib import Path
 import torch
 from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-
 from pipeline.config.schema import load_config
 from pipeline.dist import comm as D
 from pipeline.train.trainer import Trainer

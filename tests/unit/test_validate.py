@@ -2,9 +2,10 @@
 
 from pathlib import Path
 
+from conftest import ROOT
+
 from pipeline.config.validate import main
 
-ROOT = Path(__file__).resolve().parents[2]
 DEMO = ROOT / "configs" / "demo.yaml"
 
 

@@ -16,6 +16,7 @@ import pytest
 import torch
 from conftest import ROOT, file_tree, free_port, read_summary, run_pipeline, write_config
 from safetensors.torch import load_file
+from synthetic_runs import fake_checkpoint
 
 from pipeline.train.checkpoint import verify
 
@@ -262,33 +263,20 @@ def test_bad_input_is_refused_clearly_and_earlier_outputs_survive(make_model, tm
     assert file_tree(unfinished) == before
 
 
-def _fake_checkpoint(root: Path, step: int) -> Path:
-    """A checkpoint directory with the files a manifest must cover (contents are irrelevant here)."""
-    from pipeline.train.checkpoint import STATE, TENSORS, step_name, write_manifest
-
-    d = root / step_name(step)
-    (d / "engine").mkdir(parents=True)
-    (d / "engine" / "optim.pt").write_bytes(bytes(range(256)) * 4)
-    (d / STATE).write_text(json.dumps({"step": step}))
-    (d / TENSORS).write_bytes(b"tensors")
-    write_manifest(d)
-    return d
-
-
 def test_checkpoint_choice_skips_every_kind_of_broken_one(tmp_path, capsys):
     from pipeline.train.checkpoint import CheckpointError, find_checkpoint, start_fresh
 
     root = tmp_path / "out" / "checkpoints"
-    good = _fake_checkpoint(root, 2)
-    flipped = _fake_checkpoint(root, 4)  # same size, one byte changed
+    good = fake_checkpoint(root, 2)
+    flipped = fake_checkpoint(root, 4)  # same size, one byte changed
     data = bytearray((flipped / "engine" / "optim.pt").read_bytes())
     data[100] ^= 1
     (flipped / "engine" / "optim.pt").write_bytes(bytes(data))
-    unfinished = _fake_checkpoint(root, 6)  # killed before its manifest
+    unfinished = fake_checkpoint(root, 6)  # killed before its manifest
     (unfinished / "manifest.json").unlink()
-    missing = _fake_checkpoint(root, 8)
+    missing = fake_checkpoint(root, 8)
     (missing / "pruning.safetensors").unlink()
-    _fake_checkpoint(root, 10).rename(root / ".partial-step-00000010")  # never renamed: not a candidate
+    fake_checkpoint(root, 10).rename(root / ".partial-step-00000010")  # never renamed: not a candidate
     (root / "latest").write_text("step-00000008\n")
     assert find_checkpoint(tmp_path / "out", explicit=False) == good
     err = capsys.readouterr().err

@@ -37,9 +37,8 @@ def test_subcommand_help(name, capsys):
 
 def test_wrappers_are_the_package_mains():
     # tools/*.py and pipeline/run.py only re-export; no script edits sys.path.
-    from pathlib import Path
+    from conftest import ROOT as root
 
-    root = Path(__file__).resolve().parents[1]
     for script, (module, _) in {
         "pipeline/run.py": cli.COMMANDS["train"],
         "tools/compact.py": cli.COMMANDS["compact"],

@@ -3,8 +3,6 @@ for all ranks, and the error messages."""
 
 import importlib
 import importlib.util
-import json
-import os
 import sys
 import types
 from pathlib import Path
@@ -12,25 +10,17 @@ from pathlib import Path
 import datasets
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
-from conftest import ROOT, free_port, read_summary, run_pipeline, write_config
+from conftest import ROOT, TEXTS, alpaca_record, jsonl
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline.config.schema import ConfigError, DataConfig, load_config
-from pipeline.data.dataset import IGNORE, DataError, Windows, build_split, load_split, n_targets
+from pipeline.data.dataset import IGNORE, DataError, Windows, build_split, n_targets
 from pipeline.train.evaluation import perplexity
 
 CHAT_TEMPLATE = (
     "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}</s>\n{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
-TEXTS = ["the quick brown fox", "vim is a text editor", "insert mode and normal mode"]
-
-
-@pytest.fixture
-def tok(tokenizer_dir: Path):
-    return AutoTokenizer.from_pretrained(tokenizer_dir)
 
 
 @pytest.fixture
@@ -38,11 +28,6 @@ def chat_tok(tokenizer_dir: Path):
     t = AutoTokenizer.from_pretrained(tokenizer_dir)
     t.chat_template = CHAT_TEMPLATE
     return t
-
-
-def jsonl(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 def build(tok, tmp_path: Path, split: str = "train", context: int | None = 256, **data) -> Windows:
@@ -53,10 +38,6 @@ def build(tok, tmp_path: Path, split: str = "train", context: int | None = 256, 
 def rows_text(tok, w: Windows) -> list[str]:
     mask = w.attention_mask.bool()
     return [tok.decode(w.input_ids[i][mask[i]].tolist()) for i in range(len(w))]
-
-
-def _alpaca(t: str, extra: str = "") -> dict:
-    return {"instruction": f"Repeat: {t}", "input": extra, "output": t}
 
 
 def _chat(t: str) -> dict:
@@ -70,7 +51,7 @@ def _write(kind: str, tmp_path: Path) -> Path:
     if kind == "jsonl":
         return jsonl(tmp_path / "a.jsonl", [{"text": t} for t in TEXTS])
     if kind == "alpaca":
-        return jsonl(tmp_path / "a.jsonl", [_alpaca(t) for t in TEXTS])
+        return jsonl(tmp_path / "a.jsonl", [alpaca_record(t) for t in TEXTS])
     if kind == "chat":
         return jsonl(tmp_path / "a.jsonl", [_chat(t) for t in TEXTS])
     if kind == "csv":
@@ -96,7 +77,7 @@ def test_each_format_loads(kind: str, tmp_path: Path, chat_tok):
 
 
 def test_alpaca_labels_are_ignored_exactly_on_prompt_tokens(tmp_path: Path, tok):
-    recs = [_alpaca("the quick brown fox"), _alpaca("vim is a text editor", extra="from the manual")]
+    recs = [alpaca_record("the quick brown fox"), alpaca_record("vim is a text editor", extra="from the manual")]
     path = jsonl(tmp_path / "a.jsonl", recs)
     w = build(tok, tmp_path, train=str(path), packing=False, seq_len=128)
     for i, rec in enumerate(recs):
@@ -140,7 +121,7 @@ def test_chat_labels_cover_exactly_the_assistant_turns(tmp_path: Path, chat_tok)
 
 
 def test_alpaca_uses_the_chat_template_when_the_tokenizer_has_one(tmp_path: Path, chat_tok):
-    path = jsonl(tmp_path / "a.jsonl", [_alpaca("the quick brown fox", extra="context")])
+    path = jsonl(tmp_path / "a.jsonl", [alpaca_record("the quick brown fox", extra="context")])
     w = build(chat_tok, tmp_path, train=str(path), packing=False, seq_len=64)
     ids = w.input_ids[0][w.attention_mask[0].bool()]
     prompt = ids[w.labels[0][: len(ids)] == IGNORE]
@@ -198,7 +179,7 @@ def test_unpacked_long_examples_stop_unless_truncated(tmp_path: Path, tok):
 
 
 def test_second_run_hits_the_cache(tmp_path: Path, tok, monkeypatch, capsys):
-    path = jsonl(tmp_path / "a.jsonl", [_alpaca(t) for t in TEXTS * 20])
+    path = jsonl(tmp_path / "a.jsonl", [alpaca_record(t) for t in TEXTS * 20])
     first = build(tok, tmp_path, train=str(path), seq_len=32)
     assert "cache hit" not in capsys.readouterr().err
     assert len(list((tmp_path / "cache").glob("*/windows.npz"))) == 1
@@ -213,13 +194,13 @@ def test_second_run_hits_the_cache(tmp_path: Path, tok, monkeypatch, capsys):
     assert all(torch.equal(a, b) for a, b in zip(first.fields().values(), again.fields().values(), strict=True))
     # A setting or the file changing is a miss: a second entry.
     build(tok, tmp_path, train=str(path), seq_len=32, train_on_prompt=True)
-    jsonl(path, [_alpaca(t) for t in TEXTS * 21])
+    jsonl(path, [alpaca_record(t) for t in TEXTS * 21])
     build(tok, tmp_path, train=str(path), seq_len=32)
     assert len(list((tmp_path / "cache").glob("*/windows.npz"))) == 3
 
 
 def test_mix_with_weights(tmp_path: Path, tok):
-    a = jsonl(tmp_path / "a.jsonl", [_alpaca(t) for t in TEXTS * 10])
+    a = jsonl(tmp_path / "a.jsonl", [alpaca_record(t) for t in TEXTS * 10])
     b = tmp_path / "b.txt"
     b.write_text(" ".join(TEXTS) * 40)
     alone = [len(build(tok, tmp_path, train=str(p), seq_len=32)) for p in (a, b)]
@@ -300,45 +281,6 @@ def test_config_checks_data_keys():
     ]
 
 
-def _rank_worker(rank: int, port: int, tmp: str, tokenizer_dir: str, results) -> None:
-    os.environ.update(
-        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
-    )
-    from pipeline.dist import comm as D
-
-    D.init(timeout_minutes=1)
-    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
-    if rank == 1:  # must read rank 0's cache, never tokenize
-        datasets.Dataset.map = None
-    cfg = DataConfig(train=str(Path(tmp) / "a.jsonl"), seq_len=16, cache_dir=str(Path(tmp) / "cache"))
-    try:
-        results[rank] = load_split(cfg, "train", tok).input_ids.sum().item()
-        try:
-            load_split(DataConfig(train=str(Path(tmp) / "empty.jsonl"), cache_dir=cfg.cache_dir), "train", tok)
-        except DataError as e:
-            results[f"err{rank}"] = str(e)
-        # No cache: rank 1 must tokenize, and fails (no map); rank 0 stops too instead of waiting.
-        load_split(DataConfig(train=cfg.train, seq_len=16, cache_dir="none"), "train", tok)
-    except (DataError, TypeError) as e:
-        results[f"late{rank}"] = str(e)
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.distributed
-def test_rank_zero_tokenizes_and_the_others_read_its_cache(tmp_path: Path, tokenizer_dir: Path, monkeypatch):
-    monkeypatch.syspath_prepend(str(Path(__file__).parent))  # spawned ranks import this module by name
-    jsonl(tmp_path / "a.jsonl", [{"text": t} for t in TEXTS * 10])
-    (tmp_path / "empty.jsonl").write_text("")
-    with mp.Manager() as m:
-        results = m.dict()
-        mp.spawn(_rank_worker, args=(free_port(), str(tmp_path), str(tokenizer_dir), results), nprocs=2, join=True)
-        out = dict(results)
-    assert out[0] == out[1] > 0  # the same windows on both ranks, rank 1 from the cache
-    assert "file is empty" in out["err0"] and out["err0"] == out["err1"]  # rank 0's error stops both
-    assert "another rank could not prepare its data" in out["late0"] and "late1" in out
-
-
 def _evaluate_tool(monkeypatch) -> types.ModuleType:
     monkeypatch.setattr(sys, "path", list(sys.path))  # the script rewrites sys.path[0]; spawned tests need it
     tool = importlib.import_module("pipeline.cli.evaluate")  # the command tools/evaluate.py wraps
@@ -347,7 +289,7 @@ def _evaluate_tool(monkeypatch) -> types.ModuleType:
 
 def test_evaluate_tool_on_instruction_data(tmp_path: Path, make_model, monkeypatch, capsys):
     tool = _evaluate_tool(monkeypatch)
-    path = jsonl(tmp_path / "qa.jsonl", [_alpaca(t) for t in TEXTS * 10])
+    path = jsonl(tmp_path / "qa.jsonl", [alpaca_record(t) for t in TEXTS * 10])
     model = str(make_model("llama"))
     argv = ["--model", model, "--text", str(path), "--seq-len", "64", "--speed-batch", "0"]
     for extra in ([], ["--no-packing"]):
@@ -355,37 +297,9 @@ def test_evaluate_tool_on_instruction_data(tmp_path: Path, make_model, monkeypat
         assert f"{model}: params" in capsys.readouterr().out
 
 
-@pytest.mark.distributed
-def test_cli_instruction_mix_unpacked(make_model, tmp_path: Path):
-    """The trainer on alpaca records mixed with plain text, unpacked rows with padding, 1 process."""
-    qa = jsonl(tmp_path / "qa.jsonl", [_alpaca(t, extra=str(i)) for i in range(8) for t in TEXTS])
-    out = tmp_path / "out"
-    text = ROOT / "pipeline" / "demo" / "text" / "valid.txt"
-    cfg = write_config(
-        tmp_path / "c.yaml",
-        make_model("llama"),
-        out,
-        data={
-            "train": str(qa),
-            "mix": [{"path": str(text), "format": "text", "weight": 2}],
-            "eval": str(qa),
-            "seq_len": 96,
-            "packing": False,
-            "truncation": True,
-            "cache_dir": str(tmp_path / "cache"),
-        },
-        train={"steps": 4},
-    )
-    proc = run_pipeline(cfg)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    s = read_summary(out)
-    assert s["eval_ppl_before"] > 1 and s["eval_ppl_after"] > 1
-    assert "data.eval=" in proc.stderr and "cache hit" in proc.stderr  # eval = train file, same settings
-
-
 def test_plain_text_eval_next_to_alpaca_training_data(tmp_path: Path, tok):
     # data.eval has its own format (auto by default), so data.format=alpaca does not apply to it
-    train = jsonl(tmp_path / "train.jsonl", [_alpaca(f"item {i}") for i in range(8)])
+    train = jsonl(tmp_path / "train.jsonl", [alpaca_record(f"item {i}") for i in range(8)])
     (tmp_path / "eval.txt").write_text("plain held-out text\n" * 40)
     kw = {"train": str(train), "eval": str(tmp_path / "eval.txt"), "format": "alpaca"}
     assert len(build(tok, tmp_path, "train", **kw)) > 0

@@ -11,19 +11,18 @@ import importlib
 import importlib.util
 import json
 import re
-import subprocess
 import sys
 from pathlib import Path
 
 import bitsandbytes as bnb
 import pytest
 import torch
-from conftest import DEMO_TEXT, DEMO_VALID, ROOT, read_summary, run_pipeline, write_config
-from peft import LoraConfig, get_peft_model
+from conftest import ROOT
 from safetensors.torch import load_file, save_file
+from synthetic_runs import HIDDEN, INTER, KV, MASKS, D, H, make_run
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-from pipeline.config.schema import InputError, config_from_dict, save_config
+from pipeline.config.schema import InputError
 from pipeline.export.compact import (
     ExportError,
     export,
@@ -35,93 +34,7 @@ from pipeline.export.compact import (
     serve_hf,
 )
 from pipeline.export.verify import VerifyError, compare, load_masked_model, logits, sample_inputs, verify
-from pipeline.model.structure import structure_from_config
-from pipeline.pruning.masks import Masks
 from pipeline.train.checkpoint import RUN_CONFIG
-
-PROJ = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-H, KV, D, HIDDEN, INTER = 8, 4, 8, 64, 96  # the conftest tiny models
-
-
-def _heads(groups: list[list[int]] | None = None, query: list[list[int]] | None = None) -> torch.Tensor:
-    """[2, 8] head mask from kept KV groups per layer, or from kept query heads per layer."""
-    m = torch.zeros(2, H)
-    for layer, kept in enumerate(query or []):
-        m[layer, kept] = 1
-    for layer, kept in enumerate(groups or []):
-        for g in kept:
-            m[layer, 2 * g : 2 * g + 2] = 1
-    return m
-
-
-def _channels(counts: list[int]) -> torch.Tensor:
-    g = torch.Generator().manual_seed(1)
-    m = torch.zeros(2, INTER)
-    for layer, n in enumerate(counts):
-        m[layer, torch.randperm(INTER, generator=g)[:n]] = 1
-    return m
-
-
-MASKS = {  # name -> (scope, head_unit, heads, channels)
-    "uniform_kv": ("uniform", "kv_group", _heads(groups=[[0, 2], [1, 3]]), _channels([48, 48])),
-    "global_kv": ("global", "kv_group", _heads(groups=[[0, 1, 3], [2]]), _channels([30, 70])),
-    "uniform_query": ("uniform", "query", _heads(query=[[0, 3, 4, 7], [1, 2, 5, 6]]), _channels([48, 48])),
-    # Equal widths, but 6 heads: LlamaConfig refuses hidden_size % heads != 0, so per-layer code is used.
-    "uniform_6heads": ("uniform", "kv_group", _heads(groups=[[0, 1, 2], [1, 2, 3]]), _channels([60, 60])),
-    # Not produced by the pipeline: uneven query heads per group, a layer without channels (padded at 0).
-    "odd": ("global", "kv_group", _heads(query=[[0, 1, 2], list(range(8))]), _channels([50, 0])),
-}
-
-
-def make_run(
-    root: Path, model_dir: Path, masks: str, quantization: str = "nf4", lora: dict | None = None, seed: int = 0
-) -> Path:
-    """A finished run directory like pipeline/train/checkpoint.py writes, without training."""
-    scope, unit, heads, channels = MASKS[masks]
-    run = root / f"run-{masks}-{quantization}"
-    run.mkdir(parents=True)
-    cfg = config_from_dict(
-        {
-            "model": {"path": str(model_dir), "quantization": quantization, "dtype": "fp32"},
-            "lora": {"r": 4, "alpha": 8},
-            "data": {"train": str(DEMO_TEXT), "eval": str(DEMO_VALID), "seq_len": 32},
-            "pruning": {"scope": scope, "head_unit": unit},
-            "output": {"dir": str(run)},
-        }
-    )
-    save_config(cfg, run / RUN_CONFIG)
-    torch.manual_seed(seed)
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    peft = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=PROJ, **(lora or {})))
-    for n, p in peft.named_parameters():
-        if "lora_B" in n:  # as after training: B != 0, so the merge matters
-            torch.nn.init.normal_(p, std=0.05)
-    peft.save_pretrained(run / "adapter")
-    save_file({"heads": heads, "channels": channels}, run / "masks.safetensors")
-    s = structure_from_config(model.config, unit)
-    m = Masks(s)
-    m.load_state_dict({"heads": heads, "channels": channels})
-    summary = {
-        "model_path": str(model_dir),
-        "model_type": s.model_type,
-        "structure": s.to_dict(),
-        "quantization": quantization,
-        "criterion": "lora",
-        "scope": scope,
-        "target_sparsity": 0.5,
-        "achieved_sparsity": m.sparsity(),
-        "prunable_params": s.prunable_params,
-        "pruned_params": m.pruned_params(),
-        "kept_heads_per_layer": (heads > 0).sum(-1).tolist(),
-        "kept_kv_heads_per_layer": (heads > 0).view(2, KV, 2).any(-1).sum(-1).tolist(),
-        "kept_channels_per_layer": (channels > 0).sum(-1).tolist(),
-        "steps": 6,
-        "tokens_seen": 384,
-        "eval_ppl_before": 500.0,
-        "eval_ppl_after": 400.0,
-    }
-    (run / "summary.json").write_text(json.dumps(summary))
-    return run
 
 
 def expected_params(base: int, heads: torch.Tensor, channels: torch.Tensor, bias: bool) -> int:
@@ -456,51 +369,6 @@ def test_existing_output_needs_overwrite(good_run, tmp_path):
 
 
 # ------------------------------------------------------------------------------------- real pipeline
-
-
-def test_real_pipeline_run_compacts_and_verifies(make_model, tmp_path):
-    run = tmp_path / "run"
-    cfg = write_config(tmp_path / "cfg.yaml", make_model("qwen2"), run, pruning={"target_sparsity": 0.4})
-    proc = run_pipeline(cfg)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    summary = read_summary(run)
-    out = tmp_path / "compact"
-    cmd = [sys.executable, str(ROOT / "tools" / "compact.py"), "--run", str(run), "--out", str(out)]
-    cmd += ["--merge-into", "dequantized", "--verify", "--verify-samples", "2", "--speed-repeats", "2"]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
-    assert "compact vs masked logits" in proc.stdout and "forward tokens/s" in proc.stdout
-    model = AutoModelForCausalLM.from_pretrained(out, trust_remote_code=(out / "modeling_decilm.py").exists())
-    base = AutoModelForCausalLM.from_pretrained(make_model("qwen2"))
-    real = int(re.search(r"-> ([\d,]+) real", proc.stdout)[1].replace(",", ""))
-    assert n_params(base) - real == summary["pruned_params"] and n_params(model) >= real
-    assert "## Verification" in (out / "README.md").read_text()
-
-
-def test_width_rules_give_a_padding_free_export(make_model, tmp_path):
-    """pruning.round_to and pruning.kv_heads_multiple_of on a real run: every layer keeps the same
-    KV heads (so the nemotron-nas export has no zero heads) and a multiple of 16 channels."""
-    model_dir = make_model("qwen2")
-    run = tmp_path / "run"
-    rules = {"target_sparsity": 0.4, "round_to": 16, "kv_heads_multiple_of": 2}
-    proc = run_pipeline(write_config(tmp_path / "cfg.yaml", model_dir, run, pruning=rules))
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    summary = read_summary(run)
-    assert len(set(summary["kept_kv_heads_per_layer"])) == 1 and summary["kept_kv_heads_per_layer"][0] % 2 == 0
-    assert all(c % 16 == 0 or c == INTER for c in summary["kept_channels_per_layer"])
-    result = export(load_run(run), tmp_path / "compact", merge_into="dequantized", log=lambda _: None)
-    assert result.padding_params == 0 and result.params_real == result.params_after
-    # Infeasible at the target: refused before training, naming the key.
-    refused = run_pipeline(
-        write_config(
-            tmp_path / "bad.yaml",
-            model_dir,
-            tmp_path / "bad",
-            pruning={"target_sparsity": 0.8, "kv_heads_multiple_of": 4},
-        )
-    )
-    assert refused.returncode == 2 and "pruning.kv_heads_multiple_of=4: every layer keeps 4 of 4" in refused.stderr
-    assert not (tmp_path / "bad" / "summary.json").exists()
 
 
 def test_nf4_replayed_in_the_recorded_compute_dtype(make_model, tmp_path):

@@ -1,11 +1,11 @@
 from pathlib import Path
 
 import pytest
+from conftest import ROOT
 
 from pipeline.config.ds_config import DeepSpeedConfigError, resolve
 from pipeline.config.schema import ConfigError, load_config, parse_overrides
 
-ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((ROOT / "configs").glob("*.yaml"))
 
 

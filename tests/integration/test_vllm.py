@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 from conftest import DEMO_VALID, ROOT
-from test_compact import make_run
+from synthetic_runs import make_run
 from transformers import AutoTokenizer
 
 from benchmarks.serve import hf_greedy  # the same transformers side benchmarks/serve.py reports

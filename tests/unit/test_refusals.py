@@ -13,12 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import DEMO_VALID, write_config
-from transformers import AutoConfig
 
-from pipeline.config.schema import ConfigError, PruningConfig, config_from_dict
+from pipeline.config.schema import ConfigError, config_from_dict
 from pipeline.model.source import ModelError, check_model_dir
-from pipeline.model.structure import structure_from_config
-from pipeline.pruning.pruner import check_reachable
 
 
 def _copy(src: Path, dst: Path) -> Path:
@@ -86,49 +83,6 @@ def test_remote_code_only_when_the_model_has_it(make_model, tmp_path, evaluate_t
     assert evaluate_tool.needs_remote_code(custom)
 
 
-def test_run_refuses_before_loading(make_model, tmp_path, restore_env, capsys):
-    """Each case stops with exit 2 and its message; none reaches weight loading or writes output.dir."""
-    from pipeline.run import main
-
-    model = make_model("llama")
-    d = tmp_path / "inputs"
-    d.mkdir()
-    (d / "list.json").write_text("[1, 2]")
-    (d / "zero2.json").write_text('{"zero_optimization": {"stage": 2}}')
-    (d / "afile").write_text("x")
-    trunc = _copy(model, d / "trunc")
-    (trunc / "model.safetensors").write_bytes((trunc / "model.safetensors").read_bytes()[:5000])
-    badconf = _copy(model, d / "badconf")
-    (badconf / "config.json").write_text("{not json")
-    out = tmp_path / "out"
-    cases = [
-        (f"model.path={trunc}", "model.safetensors is truncated"),
-        (f"model.path={badconf}", "config.json is not valid JSON"),
-        ("model.dtype=fp16", "model.dtype=fp16 without a GPU"),
-        (f"deepspeed.config={d / 'list.json'}", "the top level is a JSON list"),
-        (f"deepspeed.config={d / 'zero2.json'}", "zero_optimization.stage=2: the pipeline runs on ZeRO-3 only"),
-        (f"output.dir={d / 'afile'}", "is a file; choose a directory"),
-        (f"output.dir={d / 'afile' / 'run'}", "which is a file"),
-        ("output.dir=", "output.dir is empty"),
-        (f"data.cache_dir={d / 'afile'}", "is a file, not a directory"),
-        (
-            "lora.target_modules=lm_head distill.enabled=false",
-            "pruning.criterion=lora needs LoRA on at least one of q_proj",
-        ),
-        ("pruning.target_sparsity=0.99 pruning.max_layer_sparsity=0.995", "cannot be reached on this model"),
-    ]
-    for override, message in cases:
-        cfg = write_config(tmp_path / "c.yaml", model, out)
-        assert main(["--config", str(cfg), *override.split()]) == 2, override
-        err = capsys.readouterr().err
-        assert message in err, (override, err[-2000:])
-        assert "Loading weights" not in err and not out.exists(), override
-    # The same target with caps that allow it is accepted at load (it fails later only for other reasons).
-    with pytest.raises(ConfigError, match="cannot be reached"):
-        check_reachable(structure_from_config(AutoConfig.from_pretrained(model)), PruningConfig(target_sparsity=0.95))
-    check_reachable(structure_from_config(AutoConfig.from_pretrained(model)), PruningConfig(target_sparsity=0.85))
-
-
 def test_target_sparsity_one_does_not_suggest_raising_the_cap():
     with pytest.raises(ConfigError) as e:
         config_from_dict({"model": {"path": "m"}, "data": {"train": "t"}, "pruning": {"target_sparsity": 1.0}})
@@ -167,7 +121,7 @@ def test_corrupt_cache_entry_is_rebuilt(make_model, tmp_path, capsys):
 
 
 def test_bert_and_every_checkpoint_corrupt_get_accurate_messages(make_model, tmp_path, restore_env, capsys):
-    from test_resume import _fake_checkpoint
+    from synthetic_runs import fake_checkpoint
     from transformers import BertConfig, BertLMHeadModel
 
     from pipeline.run import main
@@ -183,7 +137,7 @@ def test_bert_and_every_checkpoint_corrupt_get_accurate_messages(make_model, tmp
 
     out = tmp_path / "broken"
     for step in (2, 4):
-        (_fake_checkpoint(out / "checkpoints", step) / "manifest.json").unlink()
+        (fake_checkpoint(out / "checkpoints", step) / "manifest.json").unlink()
     cfg = write_config(tmp_path / "c.yaml", model, out)
     assert main(["--config", str(cfg)]) == 2
     err = capsys.readouterr().err
@@ -194,7 +148,7 @@ def test_compact_base_truncated_or_other_weights_is_refused(make_model, tmp_path
     """--base: a truncated file is refused by its header; a same-shape model with other weights by the
     fingerprint the run recorded in summary.json."""
     from safetensors.torch import load_file, save_file
-    from test_compact import make_run
+    from synthetic_runs import make_run
 
     from pipeline.export.compact import ExportError, load_run
     from pipeline.model.fingerprint import model_fingerprint
