@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import importlib
 import importlib.util
 import json
@@ -52,36 +53,21 @@ def test_fit_verdict_and_cli_exit_codes(capsys, monkeypatch):
     assert main(["--model", "nope-70b"]) == 2 and "not a preset" in capsys.readouterr().err
 
 
-def _held_bytes(model: torch.nn.Module, optim: Any = None) -> dict[str, int]:
-    """Bytes of the tensors the model (and engine) hold at rest, by kind (unique storages)."""
-    seen: set[int] = set()
-    out: dict[str, int] = {}
-
-    def add(key: str, t: torch.Tensor | None) -> None:
-        if t is None or t.numel() == 0 or t.untyped_storage().data_ptr() in seen:
-            return
-        seen.add(t.untyped_storage().data_ptr())
-        out[key] = out.get(key, 0) + t.untyped_storage().nbytes()
-
-    for name, p in model.named_parameters():
-        kind = "lora" if "lora_" in name else "base" if hasattr(p, "quant_state") else "unq"
-        add(kind, p.data)
-        add(kind, getattr(p, "ds_tensor", None))
-        qs = getattr(p, "quant_state", None)
-        if qs is not None:
-            for t in (qs.absmax, qs.code, qs.offset, *((qs.state2.absmax, qs.state2.code) if qs.nested else ())):
-                add("qstate", t)
-    if optim is None:
-        return out
-    for t in optim.fp32_partitioned_groups_flat:
-        add("adam", t)
-    for state in optim.optimizer.state.values():
-        for t in state.values():
-            add("adam", t)
-    add("grads", optim.grad_partitions_flat_buffer)
-    for bucket in optim.ipg_buckets.values():
-        add("bucket", bucket.buffer)
+def _live_storages() -> dict[int, int]:
+    """Bytes of every storage a live Python tensor points at, by storage address: an oracle that does not
+    know which objects the model or the engine hold, unlike the planner's inventory it checks."""
+    gc.collect()
+    out: dict[int, int] = {}
+    for obj in gc.get_objects():
+        if isinstance(obj, torch.Tensor) and obj.device.type != "meta":
+            storage = obj.untyped_storage()
+            if storage.nbytes():
+                out[storage.data_ptr()] = storage.nbytes()
     return out
+
+
+def _grown(before: dict[int, int]) -> int:
+    return sum(n for ptr, n in _live_storages().items() if ptr not in before)
 
 
 def _measure(rank: int, world: int, port: int, config: str, results: Any) -> None:
@@ -109,12 +95,13 @@ def _measure(rank: int, world: int, port: int, config: str, results: Any) -> Non
     D.init(timeout_minutes=2)
     cfg = load_config(config)
     ds = resolve(cfg, world)
+    before = _live_storages()
     model, _hf = load_model(cfg, ds)
-    loaded = sum(_held_bytes(model).values())  # before deepspeed.initialize partitions anything
+    loaded = _grown(before)  # before deepspeed.initialize partitions anything
     structure = discover(model)
     Masks(structure).attach(model)  # as the trainer does: the masked copies are activations too
     params = [p for p in model.parameters() if p.requires_grad]
-    engine, optim, _, _ = deepspeed.initialize(
+    engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=params, optimizer=torch.optim.AdamW(params, lr=1e-3), config=ds
     )
     engine.train()
@@ -123,7 +110,7 @@ def _measure(rank: int, world: int, port: int, config: str, results: Any) -> Non
     )
     engine.backward(engine(input_ids=x, labels=x).loss)  # first step: persistent params fetched, Adam state made
     engine.step()
-    held = _held_bytes(model, optim)
+    held = _grown(before)
     with LiveBytes() as train:
         engine.backward(engine(input_ids=x, labels=x).loss)
     refs, layout = module_refs(model), ScoreLayout(structure)
@@ -132,7 +119,7 @@ def _measure(rank: int, world: int, port: int, config: str, results: Any) -> Non
         module_scores(refs, layout, lora)
     with LiveBytes() as step:
         engine.step()
-    results[rank] = {"resident": sum(held.values()), "load": loaded, "train": train.peak, "score": score.peak}
+    results[rank] = {"resident": held, "load": loaded, "train": train.peak, "score": score.peak}
     results[rank] |= {"step": step.peak}
     dist.destroy_process_group()
 
@@ -171,8 +158,10 @@ def wide_model(tmp_path_factory, tokenizer_dir) -> Path:
 CASES = [("llama", 1, "fp32", True), ("wide", 1, "bf16", True), ("wide", 2, "fp32", False)]
 
 
-# Measured on CPU: resident and load are exact, train within -6.1 %, score within -5.1 %, step -0.03 %.
-TOLERANCE = {"resident": 0.01, "load": 0.01, "train": 0.10, "score": 0.10, "step": 0.02}
+# Measured on CPU against every live storage: resident -0.3 to -1.0 % (the masks and this test's inputs, which
+# the planner leaves out: kilobytes here, megabytes on a 70B model), load -0.4 %, train within -6.1 %, score
+# within -5.1 %, step -0.03 %.
+TOLERANCE = {"resident": 0.015, "load": 0.01, "train": 0.10, "score": 0.10, "step": 0.02}
 
 
 @pytest.mark.distributed
