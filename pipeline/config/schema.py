@@ -155,6 +155,11 @@ class PruningConfig:
     # zero-head padding on export; a tensor-parallel size that divides it shards every layer).
     round_to: int = 0
     kv_heads_multiple_of: int = 0
+    # Shrink in flight (pipeline/train/shrink.py): cut the pruned units out of the model being trained at the
+    # final decision (final) or at every decision, so the steps after it train the smaller model | off: masks
+    # only. shrink_columns: o_proj/down_proj lose columns across NF4 blocks: requantize them | keep them dense.
+    shrink: Literal["off", "final", "every_decision"] = "off"
+    shrink_columns: Literal["requantize", "dense"] = "requantize"
 
 
 @dataclass
@@ -442,6 +447,8 @@ def _coerce(value: Any, tp: Any, key: str, errs: list[str]) -> Any:
     origin = typing.get_origin(tp)
     if origin is Literal:
         choices = typing.get_args(tp)
+        if value is False and "off" in choices:  # YAML 1.1 reads a bare off (shrink: off) as false
+            value = "off"
         if value not in choices:
             errs.append(f"{key}={value!r}: must be one of {', '.join(map(str, choices))}")
             return _BAD

@@ -26,7 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import bitsandbytes as bnb
 import torch
 import yaml
 from huggingface_hub import ModelCard, ModelCardData
@@ -41,14 +40,15 @@ from pipeline.config.schema import Config, InputError, config_from_dict
 from pipeline.export import configuration_decilm, modeling_decilm
 from pipeline.export.cards import TAGS, base_license, base_model_id, card, eval_results, lm_eval_table
 from pipeline.model.fingerprint import compare, model_fingerprint
-from pipeline.model.loading import DTYPES, resolve_dtype
+from pipeline.model.loading import DTYPES, NF4_BLOCKSIZE, nf4_roundtrip, resolve_dtype  # noqa: F401 (re-exported)
 from pipeline.model.source import ModelError, resolve_model_dir, source_record
 from pipeline.model.structure import ATTN, MLP, Structure, decoder_layers, layer_modules, structure_from_config
+from pipeline.pruning.layer_plan import LayerPlan, Widths, plan_layer, unit_rows
 from pipeline.pruning.masks import Masks
-from pipeline.train.checkpoint import LEGACY_RUN_CONFIG, RUN_CONFIG
+from pipeline.train.checkpoint import LEGACY_RUN_CONFIG, RUN_CONFIG, SHRINK_FILE
 from pipeline.train.rundir import check_replaceable, clean_stale_staging, staging_dir, terminate_as_exception
+from pipeline.train.shrink import COL_SLICED, ShrinkHistory, replay_columns
 
-NF4_BLOCKSIZE = 64  # bitsandbytes' Params4bit default, which transformers' 4-bit loader uses
 _STRUCTURE_KEYS = (
     "num_layers",
     "hidden_size",
@@ -187,6 +187,7 @@ class Run:
     channels: torch.Tensor  # [layers, intermediate_size]
     adapter: LoraAdapter
     notes: list[str] = field(default_factory=list)  # reported by export
+    shrink: ShrinkHistory = field(default_factory=ShrinkHistory)  # cuts made in flight (pruning.shrink)
 
     @property
     def train_dtype(self) -> torch.dtype:
@@ -279,65 +280,16 @@ def load_run(run_dir: str | Path, base: str | Path | None = None) -> Run:
         raise ExportError(f"{masks_path}: {e}; the masks belong to another model or run") from e
     adapter = LoraAdapter(run_dir / "adapter")
     notes = [f"{cfg_path}: ignored keys unknown to this version: {ignored}"] if ignored else []
-    return Run(run_dir, cfg, summary, base_dir, base_config, s, m.heads, m.channels, adapter, notes)
+    try:
+        shrink = ShrinkHistory.load(run_dir / SHRINK_FILE, s)
+    except (KeyError, ValueError, OSError) as e:
+        raise ExportError(f"{run_dir / SHRINK_FILE}: unreadable ({e}); restore it from the run") from None
+    if summary.get("shrink", {}).get("steps") and not shrink.events:
+        raise ExportError(f"{run_dir / SHRINK_FILE} is missing: the run shrank its model; restore it from the run")
+    return Run(run_dir, cfg, summary, base_dir, base_config, s, m.heads, m.channels, adapter, notes, shrink)
 
 
 # ----------------------------------------------------------------------------------------------- plan
-
-
-class _Widths:
-    """Widths of a layer plan from its index tensors."""
-
-    q_heads: torch.Tensor
-    kv_heads: torch.Tensor
-    channels: torch.Tensor
-
-    @property
-    def num_heads(self) -> int:
-        return len(self.q_heads)
-
-    @property
-    def num_kv_heads(self) -> int:
-        return len(self.kv_heads)
-
-    @property
-    def intermediate_size(self) -> int:
-        return len(self.channels)
-
-
-@dataclass(frozen=True)
-class LayerPlan(_Widths):
-    """What one decoder layer keeps, as indices into the original projections (empty: all pruned)."""
-
-    q_heads: torch.Tensor  # kept query heads, ordered by KV head, the same count per kept KV head
-    kv_heads: torch.Tensor
-    channels: torch.Tensor
-    head_scale: torch.Tensor  # mask value per kept query head: folded into the o_proj columns
-    channel_scale: torch.Tensor  # mask value per kept channel: folded into the down_proj columns
-    padding: int  # pruned query heads kept at mask 0 so that every kept KV head has the same count
-
-
-def plan_layer(heads: torch.Tensor, channels: torch.Tensor, heads_per_group: int) -> LayerPlan:
-    """Kept units of one layer from its mask rows (a unit with mask 0 is pruned)."""
-    kept = (heads != 0).tolist()
-    counts = [sum(kept[g * heads_per_group : (g + 1) * heads_per_group]) for g in range(len(kept) // heads_per_group)]
-    kv = [g for g, c in enumerate(counts) if c]
-    per_group = max(counts)
-    q: list[int] = []
-    for g in kv:
-        members = range(g * heads_per_group, (g + 1) * heads_per_group)
-        fill = [h for h in members if kept[h]] + [h for h in members if not kept[h]]
-        q += sorted(fill[:per_group])
-    ch = (channels != 0).nonzero().flatten()
-    q_t = torch.tensor(q, dtype=torch.long)
-    return LayerPlan(
-        q_heads=q_t,
-        kv_heads=torch.tensor(kv, dtype=torch.long),
-        channels=ch,
-        head_scale=heads[q_t].float(),
-        channel_scale=channels[ch].float(),
-        padding=len(q) - sum(kept),
-    )
 
 
 def plan(run: Run) -> list[LayerPlan]:
@@ -346,7 +298,7 @@ def plan(run: Run) -> list[LayerPlan]:
 
 
 @dataclass(frozen=True)
-class ServedLayer(_Widths):
+class ServedLayer(Widths):
     """One layer as written: indices into the base projections, -1 for a zero unit (zero q/k/v rows,
     zero o/down columns: exact). Query heads come grouped by KV head, ``num_heads // num_kv_heads``
     per group. No heads (channels) at all: the attention (MLP) block is a no-op."""
@@ -426,29 +378,11 @@ def serve_decilm(plans: list[LayerPlan], o_bias: bool, mlp_bias: bool) -> list[S
     return out
 
 
-def _rows(units: torch.Tensor, size: int) -> torch.Tensor:
-    """Indices of the rows/columns of ``units`` that are ``size`` wide each (heads: head_dim); a zero
-    unit (-1) reads unit 0, and is zeroed by ``_unit_mask``."""
-    return (units.clamp_min(0)[:, None] * size + torch.arange(size)).flatten()
-
-
 def _unit_mask(units: torch.Tensor, size: int) -> torch.Tensor:
     return (units >= 0).float().repeat_interleave(size)
 
 
 # -------------------------------------------------------------------------------------------- weights
-
-
-def nf4_roundtrip(w: torch.Tensor, dtype: torch.dtype, double_quant: bool) -> torch.Tensor:
-    """The weight an NF4 run trained against: quantized as transformers' 4-bit loader does, dequantized."""
-    packed, state = bnb.functional.quantize_4bit(
-        w.to(dtype).contiguous(),
-        blocksize=NF4_BLOCKSIZE,
-        compress_statistics=double_quant,
-        quant_type="nf4",
-        quant_storage=dtype,
-    )
-    return bnb.functional.dequantize_4bit(packed, state)
 
 
 class ShardWriter:
@@ -571,12 +505,16 @@ class _Merger:
         self.nf4 = merge_into == "dequantized" and run.cfg.model.quantization == "nf4"
         self.quantized = quantized
         self.merged: set[str] = set()
+        # Column-sliced projections that a shrink re-quantized in training: module name -> the cuts, replayed.
+        self.column_cuts: dict[str, list[torch.Tensor]] = {}
 
     def dense(self, module: str) -> torch.Tensor:
         """The module's weight as the merge target, fp32."""
         w = self.base.get(f"{module}.weight")
         if self.nf4 and module in self.quantized:
             w = nf4_roundtrip(w, self.run.train_dtype, self.run.cfg.model.double_quant)
+            if module in self.column_cuts:
+                w = replay_columns(w, self.column_cuts[module], self.run.train_dtype, self.run.cfg.model.double_quant)
         return w.float()
 
     def weight(self, module: str, axis: int | None = None, idx: torch.Tensor | None = None) -> torch.Tensor:
@@ -616,10 +554,14 @@ def _write_weights(
 ) -> None:
     base, base_dir, d = merger.base, run.base_dir, run.structure.head_dim
     done: set[str] = set()
+    if run.shrink.events and run.cfg.pruning.shrink_columns == "requantize":
+        merger.column_cuts = {
+            mods[kind]: run.shrink.column_cuts(i, kind) for i, (_, mods) in enumerate(layers) for kind in COL_SLICED
+        }
     for (prefix, mods), p in zip(layers, served, strict=True):
-        q_rows, kv_rows = _rows(p.q_heads, d), _rows(p.kv_heads, d)
+        q_rows, kv_rows = unit_rows(p.q_heads, d), unit_rows(p.kv_heads, d)
         q_mask, kv_mask = _unit_mask(p.q_heads, d), _unit_mask(p.kv_heads, d)
-        ch_rows, ch_mask = _rows(p.channels, 1), _unit_mask(p.channels, 1)
+        ch_rows, ch_mask = unit_rows(p.channels, 1), _unit_mask(p.channels, 1)
         cuts = {  # module kind -> (axis, kept indices, multiplier of the kept rows/columns)
             "q_proj": (0, q_rows, q_mask),
             "k_proj": (0, kv_rows, kv_mask),

@@ -24,6 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
 from pipeline.data.dataset import DataError, load_texts, tokenize_to_blocks
 from pipeline.export.compact import Run
 from pipeline.pruning.masks import Masks
+from pipeline.train.shrink import apply_history
 
 EXACT_TOL = {torch.float32: 1e-4}  # relative max-abs logit difference; other dtypes: HALF_TOL
 HALF_TOL = 5e-2
@@ -66,8 +67,11 @@ def load_masked_model(run: Run, dtype: torch.dtype | None = None) -> tuple[nn.Mo
             mod.support_avx512bf16_for_cpu = False  # as in model_loading: no in-place CPU repacking
     model = PeftModel.from_pretrained(model, str(run.dir / "adapter"))
     model.eval()
+    if run.shrink.events:  # the run cut its model in flight: the same cuts on the base (re-quantizing as it did)
+        apply_history(model, run.shrink, run.cfg.pruning.shrink_columns)
     masks = Masks(run.structure)
     masks.load_state_dict({"heads": run.heads, "channels": run.channels})
+    masks.set_kept(run.shrink.current)
     masks.attach(model)
     return model, masks
 

@@ -30,6 +30,21 @@ DTYPES: dict[str, torch.dtype] = {
 }  # model.dtype names (compact --dtype too)
 
 
+NF4_BLOCKSIZE = 64  # bitsandbytes' Params4bit default, which transformers' 4-bit loader uses
+
+
+def nf4_roundtrip(w: torch.Tensor, dtype: torch.dtype, double_quant: bool) -> torch.Tensor:
+    """The weight an NF4 run trained against: quantized as transformers' 4-bit loader does, dequantized."""
+    packed, state = bnb.functional.quantize_4bit(
+        w.to(dtype).contiguous(),
+        blocksize=NF4_BLOCKSIZE,
+        compress_statistics=double_quant,
+        quant_type="nf4",
+        quant_storage=dtype,
+    )
+    return bnb.functional.dequantize_4bit(packed, state)
+
+
 def resolve_dtype(name: str) -> torch.dtype:
     if name == "auto":
         return torch.bfloat16 if torch.cuda.is_available() else torch.float32

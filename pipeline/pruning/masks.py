@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
@@ -27,6 +28,21 @@ class Masks:
         self.channels = torch.ones(s.num_layers, s.intermediate_size, device=device)
         self._handles: list[RemovableHandle] = []
         self._bypass = False
+        # After a shrink (pipeline/train/shrink.py): per layer, what the cut model still holds (a LayerKeep,
+        # original unit indices per projection); the hooks then read the masks at those units. None: all.
+        self.kept: list[Any] | None = None
+        self._kept_heads: list[torch.Tensor] = []
+        self._kept_channels: list[torch.Tensor] = []
+
+    def set_kept(self, keeps: list[Any] | None) -> None:
+        self.kept = keeps
+        dev = self.heads.device
+        self._kept_heads = [] if keeps is None else [k.units("q_proj").to(dev) for k in keeps]
+        self._kept_channels = [] if keeps is None else [k.units("gate_proj").to(dev) for k in keeps]
+
+    def unit_index(self, layer: int, module: str) -> torch.Tensor | None:
+        """Original unit indices of ``module``'s units in layer ``layer`` of a shrunk model (None: all)."""
+        return None if self.kept is None else self.kept[layer].units(module)
 
     # Unit-level views: what the pruning decisions act on.
     def head_units(self) -> torch.Tensor:
@@ -95,7 +111,10 @@ class Masks:
             if self._bypass:
                 return args
             x = args[0]
-            m = self.heads[layer].repeat_interleave(self.s.head_dim).to(x.dtype)
+            m = self.heads[layer]
+            if self._kept_heads:
+                m = m.index_select(0, self._kept_heads[layer])
+            m = m.repeat_interleave(self.s.head_dim).to(x.dtype)
             return (x * m, *args[1:])
 
         return hook
@@ -105,7 +124,10 @@ class Masks:
             if self._bypass:
                 return args
             x = args[0]
-            return (x * self.channels[layer].to(x.dtype), *args[1:])
+            m = self.channels[layer]
+            if self._kept_channels:
+                m = m.index_select(0, self._kept_channels[layer])
+            return (x * m.to(x.dtype), *args[1:])
 
         return hook
 

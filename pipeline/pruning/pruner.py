@@ -75,6 +75,10 @@ class Pruner:
         self.score_seconds = 0.0  # wall time in score(), and the bytes it all-reduced (perf summary)
         self.score_allreduce_bytes = 0
 
+    def refresh(self, model: nn.Module) -> None:
+        """Point the scored projections at ``model``'s modules again (after a shrink replaced some)."""
+        self.refs[:] = module_refs(model)  # the criterion's context holds the same list
+
     @property
     def active(self) -> bool:
         return self.p.target_sparsity > 0

@@ -6,6 +6,9 @@
   widths.png          kept heads and channels per layer
   masks.safetensors   heads [layers, num_attention_heads], channels [layers, intermediate]; 1 = kept
   scores.safetensors  smoothed unit scores (heads [layers, head_units], channels [layers, intermediate])
+  shrink.safetensors  only after pruning.shrink cut the model: each shrink's step and kept original indices
+                      per layer (pipeline/train/shrink.py ShrinkHistory); the adapter is saved at the base's
+                      shapes (zeros for removed units), so export and --verify replay the cuts on the base
   resolved_config.yaml  the resolved run config (a name no input config is expected to have)
   train_log.jsonl     one row per logged step
   summary.json        per-layer kept heads/channels, target and achieved sparsity, losses, perplexity
@@ -33,8 +36,9 @@ import os
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -44,12 +48,17 @@ from torch import nn
 from benchmarks.report import WIDTHS_PNG
 from pipeline.config.schema import Config, InputError, resumable_keys, save_config
 from pipeline.dist import comm as D
+from pipeline.model.structure import structure_from_config
 from pipeline.train.logs import TRAIN_LOG, WANDB_ID, dumps, info
+
+if TYPE_CHECKING:
+    from pipeline.train.shrink import ShrinkHistory
 
 SUMMARY = "summary.json"  # written last: a run directory with it is a finished run
 RUN_CONFIG = "resolved_config.yaml"
 LEGACY_RUN_CONFIG = "config.yaml"  # what runs before resolved_config.yaml called it
 CHECKPOINTS = "checkpoints"
+SHRINK_FILE = "shrink.safetensors"  # a shrunk run's cuts (pipeline/train/shrink.py), replayed by export
 ADAPTER = "adapter"
 # What a run writes at the top of output.dir (wandb/ is shared by every W&B run logged there).
 RUN_FILES = (
@@ -58,6 +67,7 @@ RUN_FILES = (
     ADAPTER,
     "masks.safetensors",
     "scores.safetensors",
+    SHRINK_FILE,
     WIDTHS_PNG,
     TRAIN_LOG,
     "tb",
@@ -378,8 +388,15 @@ def _atomic(path: Path, write: Any) -> None:
     os.replace(tmp, path)
 
 
-def save_adapter(model: nn.Module, out_dir: Path, alive: dict[str, torch.Tensor] | None = None) -> None:
+def save_adapter(
+    model: nn.Module,
+    out_dir: Path,
+    alive: dict[str, torch.Tensor] | None = None,
+    expand: Callable[[str, torch.Tensor], torch.Tensor] | None = None,
+) -> None:
     """Save the PEFT adapter with full tensors; gathers ZeRO-3 shards (collective on every rank).
+
+    ``expand`` (a shrunk run): each factor back at the base's original shape, zeros for removed units.
 
     With rank pruning (``alive``: kept components per module path), each module is saved at its
     kept rank: ``rank_pattern`` holds the ranks and ``alpha_pattern`` keeps ``alpha / r`` unchanged.
@@ -389,6 +406,8 @@ def save_adapter(model: nn.Module, out_dir: Path, alive: dict[str, torch.Tensor]
         state = {n: p.detach().to("cpu", copy=True) for n, p in named} if D.is_main() else {}
     if not D.is_main():
         return
+    if expand is not None:
+        state = {n: expand(n, t) for n, t in state.items()}
     peft_cfg = model.peft_config["default"]
     if alive:
         scale = peft_cfg.lora_alpha / peft_cfg.r
@@ -415,11 +434,17 @@ def save_run(
     alive: dict[str, torch.Tensor] | None = None,
     model_dir: Path | None = None,
     out: Path | None = None,
+    shrink: ShrinkHistory | None = None,
 ) -> None:
-    """Every rank; ``out``: the directory this run writes to (default output.dir)."""
+    """Every rank; ``out``: the directory this run writes to (default output.dir). A shrunk run also
+    writes its shrink history (``shrink.safetensors``), which export replays."""
     out = Path(cfg.output.dir) if out is None else out
-    save_adapter(model, out, alive)
+    shrunk = shrink is not None and bool(shrink.events)
+    s = structure_from_config(getattr(model, "config", None) or model.get_base_model().config) if shrunk else None
+    save_adapter(model, out, alive, (lambda n, t: shrink.expand_lora(n, t, s)) if shrunk else None)
     if D.is_main():
+        if shrunk:
+            _atomic(out / SHRINK_FILE, shrink.save)
         if model_dir is not None:  # replaces PEFT's empty template
             from pipeline.export.cards import adapter_card
 

@@ -164,6 +164,11 @@ class Distiller:
         self.teacher_engine = teacher[0] if teacher else None
         self.teacher = _FinalHidden(teacher[1]) if teacher else None
 
+    def use_teacher(self, teacher: tuple[Any, nn.Module]) -> None:
+        """Distil from ``teacher`` (engine, its causal LM) from now on (the base after a shrink)."""
+        self.teacher_engine = teacher[0]
+        self.teacher = _FinalHidden(teacher[1])
+
     @contextlib.contextmanager
     def _as_teacher(self):
         with torch.no_grad(), self.peft.disable_adapter(), self.masks.bypassed():

@@ -7,6 +7,7 @@ left out), read once at start:
   sigint@4      every rank receives SIGINT at the end of step 4 (Ctrl-C in the terminal)
   sigterm@0     step 0 is start-up: the signal comes before the data is read (preempted while loading)
   nan@3         the loss of step 3 is NaN on every rank (an overflow, a bad batch)
+  noshrink@6:1  rank 1 does not shrink the model at step 6 although it is due (a rank that disagrees)
 Unset in normal runs; nothing here runs then.
 """
 
@@ -21,7 +22,7 @@ import torch
 from pipeline.errors import ConfigError
 
 ENV = "PIPELINE_FAULTS"
-KINDS = ("sigkill", "sigterm", "sigint", "nan")
+KINDS = ("sigkill", "sigterm", "sigint", "nan", "noshrink")
 _SIGNALS = {"sigterm": signal.SIGTERM, "sigint": signal.SIGINT, "sigkill": signal.SIGKILL}
 
 
@@ -64,6 +65,10 @@ class Faults:
 
     def loss(self, step: int, loss: torch.Tensor) -> torch.Tensor:
         return loss * float("nan") if self._due("nan", step) else loss
+
+    def shrink(self, step: int, due: bool) -> bool:
+        """Whether this rank shrinks at ``step``: ``due``, unless told to disagree."""
+        return due and not self._due("noshrink", step)
 
     def end_of_step(self, step: int) -> None:
         """At the end of ``step``; step 0 is start-up, before the data is read."""

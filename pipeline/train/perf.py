@@ -116,15 +116,23 @@ class StepPerf:
     def __init__(self, model: nn.Module, optimizer: Any, pruner: Any, steps: int) -> None:
         self.model, self.optimizer, self.pruner = model, optimizer, pruner
         self.probe_step = next((t for t in range(2, steps + 1) if pruner.score_due(t)), min(2, steps))
+        self.steps = steps
         self.seconds: dict[int, float] = {}
         self.scored: set[int] = set()
-        self.memory: dict[str, Any] = {}
+        self.probes = {self.probe_step: "memory"}  # step -> the summary key its measurement goes to
+        self.measured: dict[str, dict[str, Any]] = {}
         self._live: LiveBytes | None = None
         self._resident = 0
         self._held: dict[str, int] = {}
 
+    def shrunk(self, step: int) -> None:
+        """The model was cut at ``step``: probe the smaller model too, two steps on (the first step of a new
+        engine fetches ZeRO-3's persistent parameters), as ``memory_after_shrink``."""
+        if step + 2 <= self.steps:
+            self.probes[step + 2] = "memory_after_shrink"
+
     def begin(self, step: int) -> None:
-        if step != self.probe_step:
+        if step not in self.probes:
             return
         self._held = held_bytes(self.model, self.optimizer)
         if torch.cuda.is_available():
@@ -140,7 +148,7 @@ class StepPerf:
         self.seconds[step] = seconds
         if self.pruner.score_due(step):
             self.scored.add(step)
-        if step != self.probe_step:
+        if step not in self.probes:
             return
         if self._live is not None:
             self._live.__exit__(None, None, None)
@@ -149,7 +157,7 @@ class StepPerf:
         else:
             torch.cuda.synchronize()
             transient, method = torch.cuda.max_memory_allocated() - self._resident, "CUDA allocator"
-        self.memory = {
+        self.measured[self.probes[step]] = {
             "probe_step": step,
             "probe_step_scored": step in self.scored,
             "method": method,
@@ -159,8 +167,13 @@ class StepPerf:
             "step_peak_mb": (self._resident + transient) / MB,
         }
 
+    @property
+    def memory(self) -> dict[str, Any]:
+        return self.measured.get("memory", {})
+
     def summary(self) -> dict[str, Any]:
-        timed = {t: s for t, s in self.seconds.items() if t not in (1, self.probe_step)}
+        timed = {t: s for t, s in self.seconds.items() if t != 1 and t not in self.probes}
+        end = self.pruner.schedule.end if self.pruner.active else 0
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         p = self.pruner
         events = p.tracker.events + p.tracker.skipped
@@ -170,6 +183,9 @@ class StepPerf:
             "step_s_mean": statistics.fmean(timed.values()) if timed else None,
             "scoring_step_s_median": _median([s for t, s in timed.items() if t in self.scored]),
             "plain_step_s_median": _median([s for t, s in timed.items() if t not in self.scored]),
+            # Up to and after the final mask decision (where pruning.shrink=final cuts the model).
+            "step_s_median_to_final_decision": _median([s for t, s in timed.items() if t <= end]),
+            "step_s_median_after_final_decision": _median([s for t, s in timed.items() if t > end]),
             "train_s": sum(self.seconds.values()),
             "score_events": events,
             "score_s": p.score_seconds,
@@ -177,5 +193,5 @@ class StepPerf:
             "score_allreduce_bytes_per_event": p.score_allreduce_bytes / events if events else None,
             "trainable_params": sum(getattr(q, "ds_numel", q.numel()) for q in trainable),
             "trainable_bytes_per_param": trainable[0].element_size() if trainable else 0,
-            "memory": self.memory,
+            **self.measured,
         }

@@ -13,6 +13,8 @@ from typing import Any
 import deepspeed
 import numpy as np
 import torch
+from safetensors.torch import load_file
+from torch import nn
 from transformers import get_cosine_with_min_lr_schedule_with_warmup
 
 from benchmarks.report import WIDTHS_PNG, plot_widths
@@ -31,6 +33,7 @@ from pipeline.pruning.rank_pruning import RankPruner
 from pipeline.train.checkpoint import (
     CHECKPOINTS,
     RUN_CONFIG,
+    TENSORS,
     load_checkpoint,
     resolve_resume,
     save_checkpoint,
@@ -45,6 +48,7 @@ from pipeline.train.faults import Faults
 from pipeline.train.logs import RunLogger, info, peak_memory_mb
 from pipeline.train.perf import StepPerf
 from pipeline.train.rundir import OutputLock, prepare_output, promote
+from pipeline.train.shrink import ShrinkHistory, apply_history, materialize, plan_keeps, shrink_engine
 from pipeline.train.stops import AFTER_LOOP, EXIT_PREEMPTED, STOP_SIGNALS, RunStopped, stop_outside_the_loop
 
 EXIT_BAD_STEPS = 3
@@ -134,6 +138,7 @@ class Trainer:
         self.faults.end_of_step(0)  # fault injection: a signal during start-up
         self.bad_steps: list[int] = []
         self.last_loss, self.scheduled = math.nan, 0.0
+        self.shrink_seconds = 0.0
         seed_everything(cfg.train.seed)
         self.tokenizer = load_tokenizer(self.model_dir)
         t = cfg.train
@@ -144,35 +149,91 @@ class Trainer:
         self.eval_blocks = load_split(cfg.data, "eval", self.tokenizer, t.seed, context) if cfg.data.eval else None
         model, self._hf_ds = load_model(cfg, self.ds_config, self.model_dir)
         self.structure = discover(model, cfg.pruning.head_unit)
-        self.masks = Masks(self.structure, D.device())
-        self.masks.attach(model)
-        self.pruner = Pruner(model, self.structure, self.masks, cfg.pruning, t.steps, t.seed)
-        rp = cfg.lora.rank_pruning
+        rp = cfg.lora.rank_pruning  # before any cut: its parameter budget counts the original widths
         self.rank_pruner = (
             RankPruner(model, rp.init_r, rp.target_r, t.steps, rp.warmup, rp.cooldown, rp.every, rp.ema)
             if rp.enabled
             else None
         )
+        # Resuming after a shrink: replay the run's cuts on the fresh base, so the engine below holds the
+        # checkpoint's (smaller) shapes.
+        self.shrink_history = ShrinkHistory()
+        if self.resume_from is not None:
+            self.shrink_history = ShrinkHistory.from_tensors(load_file(str(self.resume_from / TENSORS)), self.structure)
+        if self.shrink_history.events:
+            materialize(model)
+            apply_history(model, self.shrink_history, cfg.pruning.shrink_columns)
+        self.masks = Masks(self.structure, D.device())
+        self.masks.set_kept(self.shrink_history.current)
+        self.masks.attach(model)
+        self.pruner = Pruner(model, self.structure, self.masks, cfg.pruning, t.steps, t.seed)
+        self.engine = self._initialize(model)
+        self.model = model
+        self.distiller: Distiller | None = None
+        if cfg.distill.enabled:
+            teacher = load_teacher(self.teacher_dir, cfg, self.ds_config) if self.teacher_dir else None
+            self.distiller = Distiller(model, self.masks, cfg.distill, teacher)
+            if self.shrink_history.events:
+                self._separate_teacher()
+        self.distill_totals = {"ce": math.nan, "kl": math.nan, "teacher_s": 0.0, "objective_s": 0.0, "step_s": 0.0}
+        self.perf = StepPerf(model, self.optimizer, self.pruner, t.steps)
+
+    def _initialize(self, model: nn.Module) -> Any:
+        """The DeepSpeed engine over ``model``'s trainable parameters (at start-up and after a shrink)."""
+        t = self.cfg.train
         params = [p for p in model.parameters() if p.requires_grad]
         self.trainable = params
         optimizer = None
         if "optimizer" not in self.ds_config:
             optimizer = torch.optim.AdamW(params, lr=t.lr, weight_decay=t.weight_decay)
-        self.engine, self.optimizer, _, _ = deepspeed.initialize(
+        engine, self.optimizer, _, _ = deepspeed.initialize(
             model=model,
             model_parameters=params,
             optimizer=optimizer,
             config=self.ds_config,
             lr_scheduler=self._scheduler if optimizer is None else self._scheduler(optimizer),
         )
-        self.engine.train()  # before the first forward (needed on CPU)
-        self.model = model
-        self.distiller: Distiller | None = None
-        if cfg.distill.enabled:
-            teacher = load_teacher(self.teacher_dir, cfg, self.ds_config) if self.teacher_dir else None
-            self.distiller = Distiller(model, self.masks, cfg.distill, teacher)
-        self.distill_totals = {"ce": math.nan, "kl": math.nan, "teacher_s": 0.0, "objective_s": 0.0, "step_s": 0.0}
-        self.perf = StepPerf(model, self.optimizer, self.pruner, t.steps)
+        engine.train()  # before the first forward (needed on CPU)
+        return engine
+
+    def _shrink_due(self, step: int) -> bool:
+        mode = self.cfg.pruning.shrink
+        if mode == "off" or not self.pruner.schedule.is_decision(step):
+            return False
+        return mode == "every_decision" or step == self.pruner.schedule.end
+
+    def _shrink(self, step: int) -> None:
+        """Cut the pruned units out of the model and carry on with a new engine (every rank)."""
+        t0 = time.perf_counter()
+        old = self.shrink_history.current
+        new = plan_keeps(self.structure, self.masks.heads, self.masks.channels, old)
+
+        def initialize(model: nn.Module) -> Any:
+            # The cut model's mask hooks, before DeepSpeed's as at start-up (an un-adapted projection may
+            # have been replaced by a plain Linear).
+            self.masks.set_kept(new)
+            self.masks.attach(model)
+            return self._initialize(model)
+
+        self.engine = shrink_engine(self.engine, self.model, new, old, self.cfg.pruning.shrink_columns, initialize)
+        self.shrink_history.events.append((step, new))
+        self.pruner.refresh(self.model)
+        self.perf.optimizer = self.optimizer
+        self.perf.shrunk(step)
+        if self.distiller is not None:
+            self._separate_teacher()
+        self.shrink_seconds += time.perf_counter() - t0
+        info(
+            f"step {step}: shrank the model to {self.masks.sparsity():.3f} sparsity "
+            f"({time.perf_counter() - t0:.1f} s); the rest of the run trains the smaller model"
+        )
+
+    def _separate_teacher(self) -> None:
+        """After a shrink the base in the engine is cut, so the dense-base teacher is loaded on its own (the
+        same frozen weights, another engine) unless the teacher already is another model."""
+        assert self.distiller is not None
+        if self.distiller.teacher is None:
+            self.distiller.use_teacher(load_teacher(str(self.model_dir), self.cfg, self.ds_config))
 
     def _check_teacher(self, base_config: Any) -> str | None:
         """distill.teacher as a model directory (None: the base itself), checked before any loading."""
@@ -245,10 +306,12 @@ class Trainer:
                     if micro == t.grad_accum - 1:  # gradients are complete and not yet consumed by step()
                         # One all-reduce for the loss, a non-finite loss/gradient anywhere, and SIGTERM anywhere.
                         bad_here = not (torch.isfinite(loss_acc).all() and D.local_grads_finite(self.trainable))
-                        agree = [float(bad_here), float(stop.requested is not None)]
+                        shrink_here = self.faults.shrink(step, self._shrink_due(step))
+                        agree = [float(bad_here), float(stop.requested is not None), float(shrink_here)]
                         flags = torch.cat([loss_acc, loss_acc.new_tensor(agree), parts])
                         D.all_reduce_sum(flags)
                         bad = bool(flags[1] > 0)
+                        shrink = _agreed(int(flags[3]), step)
                         if bad:  # a NaN must never reach the weights; Adam's moments still decay
                             D.zero_local_grads(self.trainable)
                         else:
@@ -261,12 +324,14 @@ class Trainer:
                     self._bad_step(step)
                 if self.pruner.schedule.is_decision(step):
                     self.scheduled = self.pruner.decide(step)
+                if shrink:
+                    self._shrink(step)
                 if self.rank_pruner and self.rank_pruner.is_decision(step):
                     self.rank_pruner.decide(step, self.engine)  # after step(): weights and Adam moments
                 n_micro = t.grad_accum * D.world_size()
                 self.last_loss = (flags[0] / n_micro).item()
                 if self.distiller:
-                    self.distill_totals.update(ce=(flags[3] / n_micro).item(), kl=(flags[4] / n_micro).item())
+                    self.distill_totals.update(ce=(flags[4] / n_micro).item(), kl=(flags[5] / n_micro).item())
                 dt = time.perf_counter() - t0
                 self.distill_totals["step_s"] += dt
                 self.perf.end(step, dt)
@@ -295,7 +360,9 @@ class Trainer:
         summary = self._summary(eval_before, eval_after)
         scores = {k: v for k, v in self.pruner.state_dict().items() if k.startswith("scores.")}
         alive = self.rank_pruner.alive if self.rank_pruner else None
-        save_run(self.model, cfg, self.masks.state_dict(), scores, summary, alive, self.model_dir, out)
+        save_run(
+            self.model, cfg, self.masks.state_dict(), scores, summary, alive, self.model_dir, out, self.shrink_history
+        )
         if out != Path(cfg.output.dir):  # replacing a finished run (output.overwrite): only now does it move aside
             with log.moving(Path(cfg.output.dir)):
                 if D.is_main():
@@ -395,6 +462,7 @@ class Trainer:
         tensors = {f"pruner.{k}": v for k, v in self.pruner.state_dict().items()}
         if self.rank_pruner:
             tensors.update({f"rank_pruner.{k}": v for k, v in self.rank_pruner.state_dict().items()})
+        tensors.update(self.shrink_history.tensors())
         ckpt = save_checkpoint(self.engine, self.work, step, state, tensors, self.cfg.train.keep_last)
         info(f"checkpoint {ckpt}")
         return ckpt
@@ -459,6 +527,12 @@ class Trainer:
             "adapter_ranks": self.rank_pruner.ranks() if self.rank_pruner else None,
             "adapter_params": self.rank_pruner.adapter_params() if self.rank_pruner else None,
             "distill": self._distill_summary(),
+            "shrink": {
+                "mode": cfg.pruning.shrink,
+                "columns": cfg.pruning.shrink_columns,
+                "steps": self.shrink_history.steps(),
+                "seconds": self.shrink_seconds,
+            },
             "fingerprints": self.fingerprints,
         }
 
@@ -476,6 +550,17 @@ class Trainer:
             "teacher_time_share": tot["teacher_s"] / tot["step_s"] if tot["step_s"] else None,
             "objective_time_share": tot["objective_s"] / tot["step_s"] if tot["step_s"] else None,
         }
+
+
+def _agreed(n: int, step: int) -> bool:
+    """Whether the ranks shrink at ``step``: all of them (n = world size) or none; anything else is a bug that
+    would leave the ranks with different models, so the run stops."""
+    if n not in (0, D.world_size()):
+        raise RuntimeError(
+            f"step {step}: {n} of {D.world_size()} ranks would shrink the model; the ranks must agree. Stopping "
+            "(this is a bug; the checkpoints already written are untouched)"
+        )
+    return n > 0
 
 
 def _num(x: float | None) -> float:
