@@ -56,9 +56,9 @@ def decide_units(
     """Scores -> (head, channel) keep-masks at unit granularity among the units ``masks`` still keeps: the one
     decision rule of training, the reachability check and the benchmark's one-shot masks."""
     groups = s.num_kv_heads if s.head_unit == "query" else 1  # query units are pruned within each KV group
-    return decide(
-        heads, channels, masks.head_units(), masks.channel_units(), fraction, scope, max_layer_sparsity, groups, rules
-    )
+    # The decision is made on the CPU, where the smoothed scores live (the masks may be on a GPU).
+    alive_h, alive_c = masks.head_units().cpu(), masks.channel_units().cpu()
+    return decide(heads.cpu(), channels.cpu(), alive_h, alive_c, fraction, scope, max_layer_sparsity, groups, rules)
 
 
 class Pruner:

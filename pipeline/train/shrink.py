@@ -489,6 +489,25 @@ class OptimizerState:
             setattr(engine, k, v)
 
 
+def release(engine: Any, params: list[nn.Parameter]) -> None:
+    """Free what a destroyed engine holds: DeepSpeed keeps references to its parameters and optimizer in
+    closures beyond ``destroy()``, so the partitions (the old base) and the optimizer state would outlive it."""
+    for p in params:
+        p.data = torch.empty(0, dtype=p.dtype, device=p.device)
+        for attr in [a for a in vars(p) if a.startswith("ds_") or a == "_z3_optimizer"]:
+            delattr(p, attr)
+    zopt = getattr(engine, "optimizer", None)
+    inner = getattr(zopt, "optimizer", None)
+    if inner is not None and hasattr(inner, "state"):
+        inner.state.clear()
+    for attr in ("fp32_partitioned_groups_flat", "fp16_partitioned_groups_flat", "fp16_groups", "averaged_gradients"):
+        if isinstance(getattr(zopt, attr, None), (list, dict)):
+            setattr(zopt, attr, type(getattr(zopt, attr))())
+    for attr in ("grad_partitions_flat_buffer", "ipg_buckets", "lp_param_buffer"):
+        if hasattr(zopt, attr):
+            setattr(zopt, attr, None)
+
+
 def lora_cuts(
     model: nn.Module, new: list[LayerKeep], old: list[LayerKeep] | None
 ) -> dict[str, tuple[str, torch.Tensor]]:
@@ -517,10 +536,19 @@ def shrink_engine(
     cuts = lora_cuts(model, new, old)
     state = OptimizerState.capture(engine, named)
     copies = gather_plain(model)
+    old_params = list(model.parameters())
     engine.destroy()
+    # destroy() leaves the engine's own forward hooks on the model: they would run the old engine's
+    # prologue on every forward and keep it (and its partitions) alive.
+    for attr in ("module_forward_pre_hook", "module_forward_post_hook", "first_dataloader_check"):
+        handle = getattr(engine, attr, None)
+        if handle is not None:
+            handle.remove()
     rebind(copies)
     del copies
     forget_zero(model)
+    release(engine, old_params)
+    del old_params
     for i, layer in enumerate(decoder_layers(model)):
         cut_layer(layer, new[i], None if old is None else old[i], col_mode)
     for n, p in model.named_parameters():  # the working copy from the exact fp32 masters (ZeRO-3 casts it)
