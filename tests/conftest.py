@@ -55,7 +55,7 @@ def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
-def _config(arch: str, head_dim: int = 8):
+def _config(arch: str, head_dim: int = 8, tied: bool = False):
     from transformers import LlamaConfig, MistralConfig, Qwen2Config
 
     common = dict(
@@ -67,7 +67,7 @@ def _config(arch: str, head_dim: int = 8):
         num_key_value_heads=4,
         head_dim=head_dim,
         max_position_embeddings=256,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
         bos_token_id=0,
         eos_token_id=1,
         pad_token_id=2,
@@ -89,11 +89,11 @@ def make_model(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path):
 
     cache: dict[str, Path] = {}
 
-    def make(arch: str = "llama", head_dim: int = 8) -> Path:
-        key = f"{arch}-hd{head_dim}"
+    def make(arch: str = "llama", head_dim: int = 8, tied: bool = False) -> Path:
+        key = f"{arch}-hd{head_dim}" + ("-tied" if tied else "")
         if key not in cache:
             torch.manual_seed(0)
-            model = AutoModelForCausalLM.from_config(_config(arch, head_dim), dtype=torch.float32)
+            model = AutoModelForCausalLM.from_config(_config(arch, head_dim, tied), dtype=torch.float32)
             if arch == "qwen2":  # non-zero biases so that bias handling is exercised
                 for name, p in model.named_parameters():
                     if name.endswith("bias"):
@@ -111,6 +111,20 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# Runs that exercise everything a resume or a shrink must carry: adapter-rank pruning and rank dropout
+# straddle the pruning decisions (tests/integration/test_resume.py, test_shrink_runs.py).
+STATEFUL_SECTIONS = dict(
+    train={"steps": 12, "micro_batch_size": 2, "grad_accum": 2, "lr": 0.01},
+    lora={
+        "r": 4,
+        "alpha": 8,
+        "rank_dropout": 0.2,
+        "rank_pruning": {"enabled": True, "init_r": 6, "target_r": 3, "every": 2, "warmup": 0.1, "cooldown": 0.3},
+    },
+    pruning={"target_sparsity": 0.5, "prune_every": 2, "warmup": 0.2, "cooldown": 0.2},
+)
 
 
 def write_config(path: Path, model_dir: Path, out_dir: Path, **sections: dict) -> Path:

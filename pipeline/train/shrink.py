@@ -373,13 +373,14 @@ def _plain_copy(p: nn.Parameter, module: nn.Module) -> nn.Parameter:
 def gather_plain(model: nn.Module) -> list[tuple[nn.Module, str, nn.Parameter]]:
     """Full copies of every ZeRO-3 parameter, module by module (collectives in module order, on every
     rank); the peak is one full copy of the model per rank, as while loading a quantized base."""
-    copies = []
+    copies, done = [], {}  # a parameter shared by modules (tied embeddings) is copied once and stays shared
     for module in model.modules():
         own = [(n, p) for n, p in module.named_parameters(recurse=False) if _is_zero(p)]
-        if not own:
-            continue
-        with D.gathered([p for _, p in own]):
-            copies += [(module, n, _plain_copy(p, module)) for n, p in own]
+        todo = [p for _, p in own if id(p) not in done]
+        if todo:
+            with D.gathered(todo):
+                done.update({id(p): _plain_copy(p, module) for p in todo})
+        copies += [(module, n, done[id(p)]) for n, p in own]
     return copies
 
 
@@ -463,9 +464,7 @@ class OptimizerState:
             return t.index_select(1, idx)
         return t
 
-    def restore(
-        self, engine: Any, named: list[tuple[str, nn.Parameter]], cuts: dict[str, tuple[str, torch.Tensor]]
-    ) -> None:
+    def restore(self, engine: Any, named: list[tuple[str, nn.Parameter]], cuts: Cuts) -> None:
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
 
         zopt = engine.optimizer
@@ -508,9 +507,7 @@ def release(engine: Any, params: list[nn.Parameter]) -> None:
             setattr(zopt, attr, None)
 
 
-def lora_cuts(
-    model: nn.Module, new: list[LayerKeep], old: list[LayerKeep] | None
-) -> dict[str, tuple[str, torch.Tensor]]:
+def lora_cuts(model: nn.Module, new: list[LayerKeep], old: list[LayerKeep] | None) -> Cuts:
     """Trainable parameter name -> (module kind, kept indices relative to what it holds now)."""
     cuts = {}
     for i, layer in enumerate(decoder_layers(model)):

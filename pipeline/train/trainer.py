@@ -304,7 +304,8 @@ class Trainer:
                     self.engine.backward(loss)
                     loss_acc += loss.detach().double().to(loss_acc.device)
                     if micro == t.grad_accum - 1:  # gradients are complete and not yet consumed by step()
-                        # One all-reduce for the loss, a non-finite loss/gradient anywhere, and SIGTERM anywhere.
+                        # One all-reduce for the loss, a non-finite loss/gradient anywhere, SIGTERM anywhere and
+                        # the ranks' agreement on shrinking after this step.
                         bad_here = not (torch.isfinite(loss_acc).all() and D.local_grads_finite(self.trainable))
                         shrink_here = self.faults.shrink(step, self._shrink_due(step))
                         agree = [float(bad_here), float(stop.requested is not None), float(shrink_here)]

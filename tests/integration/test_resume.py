@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ROOT, file_tree, free_port, read_summary, run_pipeline, write_config
+from conftest import ROOT, STATEFUL_SECTIONS, file_tree, free_port, read_summary, run_pipeline, write_config
 from safetensors.torch import load_file
 from synthetic_runs import fake_checkpoint
 
@@ -22,16 +22,7 @@ from pipeline.train.checkpoint import verify
 
 # Structured pruning decisions, adapter-rank removals and rank dropout all straddle the fault steps,
 # so a resume that lost masks, scores, rank state, optimizer or RNG state would show.
-SECTIONS = dict(
-    train={"steps": 12, "micro_batch_size": 2, "grad_accum": 2, "lr": 0.01},
-    lora={
-        "r": 4,
-        "alpha": 8,
-        "rank_dropout": 0.2,
-        "rank_pruning": {"enabled": True, "init_r": 6, "target_r": 3, "every": 2, "warmup": 0.1, "cooldown": 0.3},
-    },
-    pruning={"target_sparsity": 0.5, "prune_every": 2, "warmup": 0.2, "cooldown": 0.2},
-)
+SECTIONS = STATEFUL_SECTIONS
 
 
 def _config(tmp: Path, model: Path, out: Path, **train: object) -> Path:

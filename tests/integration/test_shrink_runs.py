@@ -1,6 +1,6 @@
-"""Shrink in flight (pruning.shrink): 2-rank ZeRO-3 runs over an NF4 base that cut the pruned units out of
-the model mid-run, against the run that stayed masked; resume across a shrink; ranks that disagree; the
-export of a shrunk run.
+"""Shrink in flight (pruning.shrink): 2-rank ZeRO-3 runs over an NF4 base (tied embeddings) that cut the
+pruned units out of the model mid-run, against the run that stayed masked; resume across a shrink; ranks
+that disagree; the export of a shrunk run.
 
 With dense columns nothing is re-quantized, so the shrunk run is the masked run up to fp32 rounding (the
 cut matmuls sum fewer zeros); with re-quantized columns it is within the measured effect of re-quantizing.
@@ -8,6 +8,7 @@ cut matmuls sum fewer zeros); with re-quantized columns it is within the measure
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -16,25 +17,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import DEMO_VALID, ROOT, read_summary, run_pipeline, write_config
+from conftest import DEMO_VALID, ROOT, STATEFUL_SECTIONS, read_summary, run_pipeline, write_config
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.distributed
 
 STEPS = 10  # decisions at 4, 6 and 8 (warmup 0.2, cooldown 0.2, every 2); nothing scored after 8
-SECTIONS = dict(
-    train={"steps": STEPS, "micro_batch_size": 2, "grad_accum": 2, "lr": 0.01},
-    # Adapter-rank pruning and rank dropout run across the shrinks too.
-    lora={
-        "r": 4,
-        "alpha": 8,
-        "rank_dropout": 0.2,
-        "rank_pruning": {"enabled": True, "init_r": 6, "target_r": 3, "every": 2, "warmup": 0.1, "cooldown": 0.3},
-    },
-    pruning={"target_sparsity": 0.5, "prune_every": 2, "warmup": 0.2, "cooldown": 0.2},
-)
+SECTIONS = {**STATEFUL_SECTIONS, "train": {**STATEFUL_SECTIONS["train"], "steps": STEPS}}
 RUNS = {  # name -> pruning.shrink, pruning.shrink_columns
     "masked": ("off", "requantize"),
+    "final_dense": ("final", "dense"),
     "every": ("every_decision", "dense"),
     "requant": ("final", "requantize"),
 }
@@ -73,7 +65,7 @@ def _losses(out: Path) -> list[float]:
 @pytest.fixture(scope="module")
 def runs(make_model, tmp_path_factory) -> dict[str, Path]:
     tmp = tmp_path_factory.mktemp("shrink")
-    model = make_model("llama")
+    model = make_model("llama", tied=True)
     out = {}
     for name, (shrink, columns) in RUNS.items():
         cfg, out[name] = _config(tmp, model, name, shrink=shrink, shrink_columns=columns)
@@ -82,23 +74,36 @@ def runs(make_model, tmp_path_factory) -> dict[str, Path]:
 
 
 def test_shrunk_run_is_the_masked_run(runs):
-    """Every decision cuts the model (dense columns): losses, masks and the final eval are the masked run's
-    to fp32 rounding, and each cut shows in the trainable parameters. (Scores after a cut are normalised over
-    the units still in the model, so they are not compared: the final-mode test compares them.)"""
-    masked, every = runs["masked"], runs["every"]
-    s, m = read_summary(every), read_summary(masked)
-    assert s["shrink"]["steps"] == s["decision_steps"] == [4, 6, 8] and m["shrink"]["steps"] == []
-    torch.testing.assert_close(torch.tensor(_losses(every)), torch.tensor(_losses(masked)), rtol=1e-5, atol=0)
+    """shrink: final with dense columns: the same run until the cut after step 8 (scores and masks included,
+    since nothing is scored after the final decision), then the masked run's losses and final eval to fp32
+    rounding (the cut matmuls only sum fewer zeros)."""
+    masked, final = runs["masked"], runs["final_dense"]
+    s, m = read_summary(final), read_summary(masked)
+    assert s["shrink"]["steps"] == [8] and m["shrink"]["steps"] == []
+    assert _losses(final)[:8] == _losses(masked)[:8]
+    torch.testing.assert_close(torch.tensor(_losses(final)), torch.tensor(_losses(masked)), rtol=1e-5, atol=0)
     assert abs(s["eval_loss_after"] - m["eval_loss_after"]) <= 1e-5 * m["eval_loss_after"]
-    ma, mb = load_file(str(masked / "masks.safetensors")), load_file(str(every / "masks.safetensors"))
-    assert torch.equal(ma["heads"], mb["heads"]) and torch.equal(ma["channels"], mb["channels"])
-    assert s["kept_heads_per_layer"] == m["kept_heads_per_layer"]
+    for name in ("scores.safetensors", "masks.safetensors"):
+        a, b = load_file(str(masked / name)), load_file(str(final / name))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert s["perf"]["trainable_params"] < m["perf"]["trainable_params"]
     assert s["perf"]["memory_after_shrink"]["probe_step"] == 10 and "memory_after_shrink" not in m["perf"]
+    assert not (masked / "shrink.safetensors").exists()
+
+
+def test_every_decision_cuts_at_each_decision(runs):
+    """Each decision cuts the model: the masked run's losses until the second decision (its scores, after the
+    first cut, are normalised over the units still in the model, so later decisions may differ), the target
+    reached, each cut recorded."""
+    masked, every = runs["masked"], runs["every"]
+    s, m = read_summary(every), read_summary(masked)
+    assert s["shrink"]["steps"] == s["decision_steps"] == [4, 6, 8]
+    torch.testing.assert_close(torch.tensor(_losses(every)[:6]), torch.tensor(_losses(masked)[:6]), rtol=1e-5, atol=0)
+    assert s["achieved_sparsity"] == pytest.approx(m["achieved_sparsity"], abs=0.02)
     hist = load_file(str(every / "shrink.safetensors"))
-    assert [int(hist[f"shrink.{e}.step"]) for e in range(3)] == [4, 6, 8] and not (
-        masked / "shrink.safetensors"
-    ).exists()
+    assert [int(hist[f"shrink.{e}.step"]) for e in range(3)] == [4, 6, 8]
+    kept = [hist[f"shrink.{e}.0.ch"] for e in range(3)]  # layer 0's channels: each cut keeps a subset
+    assert all(set(b.tolist()) <= set(a.tolist()) for a, b in itertools.pairwise(kept))
 
 
 def test_requantized_shrink_is_within_its_effect(runs):
@@ -112,6 +117,9 @@ def test_requantized_shrink_is_within_its_effect(runs):
     torch.testing.assert_close(torch.tensor(req[8:]), torch.tensor(masked[8:]), rtol=0.02, atol=0)
     s, m = read_summary(runs["requant"]), read_summary(runs["masked"])
     assert s["shrink"]["steps"] == [8] and s["shrink"]["columns"] == "requantize"
+    # The cut model holds less than the whole one; the tied embedding stays one tensor (a copy would add 128 KB).
+    held = s["perf"]["memory"]["resident_by_kind_mb"]["model"]
+    assert s["perf"]["memory_after_shrink"]["resident_by_kind_mb"]["model"] < held
     assert s["eval_loss_after"] != m["eval_loss_after"]
     assert abs(s["eval_loss_after"] - m["eval_loss_after"]) <= 0.01 * m["eval_loss_after"]
 
@@ -145,7 +153,9 @@ def test_resume_before_and_after_a_shrink(runs, make_model, tmp_path):
     """SIGTERM in step 2 (checkpoint at 3, before the first cut at 4), resume, SIGTERM in step 5 (checkpoint
     at 6, after two cuts), resume: the run is bitwise the uninterrupted one; the checkpoint after the cuts
     holds the smaller state."""
-    cfg, out = _config(tmp_path, make_model("llama"), "every", shrink="every_decision", shrink_columns="dense")
+    cfg, out = _config(
+        tmp_path, make_model("llama", tied=True), "every", shrink="every_decision", shrink_columns="dense"
+    )
     for faults in ("sigterm@2", "sigterm@5"):
         proc = _run(cfg, faults)
         assert proc.returncode == 75, proc.stderr[-3000:]
@@ -164,7 +174,7 @@ def test_resume_before_and_after_a_shrink(runs, make_model, tmp_path):
 
 
 def test_ranks_that_disagree_on_a_shrink_stop(make_model, tmp_path):
-    cfg, out = _config(tmp_path, make_model("llama"), "disagree", shrink="final")
+    cfg, out = _config(tmp_path, make_model("llama", tied=True), "disagree", shrink="final")
     proc = _run(cfg, "noshrink@8:1")
     assert proc.returncode not in (0, 75)
     assert "1 of 2 ranks would shrink the model; the ranks must agree" in proc.stdout + proc.stderr
