@@ -157,9 +157,10 @@ class PruningConfig:
     kv_heads_multiple_of: int = 0
     # Shrink in flight (pipeline/train/shrink.py): cut the pruned units out of the model being trained at the
     # final decision (final) or at every decision, so the steps after it train the smaller model | off: masks
-    # only. shrink_columns: o_proj/down_proj lose columns across NF4 blocks: requantize them | keep them dense.
+    # only. shrink_columns: o_proj/down_proj lose columns across NF4 blocks: keep them dense (exact; measured
+    # best on the tuning halves, docs/BENCHMARKS.md) | requantize them to NF4 (less memory).
     shrink: Literal["off", "final", "every_decision"] = "off"
-    shrink_columns: Literal["requantize", "dense"] = "requantize"
+    shrink_columns: Literal["dense", "requantize"] = "dense"
 
 
 @dataclass

@@ -9,9 +9,9 @@ in original unit indices: ``Masks.kept`` maps a shrunk layer's units back to the
 Quantization. Row-sliced projections (q, k, v, gate, up) keep their NF4 codes exactly (a row is a whole
 number of 64-value blocks); their absmax statistics are kept un-nested (fp32), since re-nesting a subset
 would re-quantize them. Column-sliced ones (o_proj, down_proj) cut across blocks: ``pruning.shrink_columns``
-re-quantizes the kept columns to NF4 (``requantize``, the default: the memory of NF4, a measured effect on
-quality within noise, see docs/BENCHMARKS.md) or keeps them dense in the compute dtype (``dense``: exact,
-4x the bytes of NF4 in bf16 for those two projections).
+keeps the kept columns dense in the compute dtype (``dense``, the default: exact, 4x the bytes of NF4 in bf16
+for those two projections) or quantizes them to NF4 again (``requantize``: the memory of NF4, +0.06% to
++0.9% held-out perplexity measured, see docs/BENCHMARKS.md).
 
 Which units a layer keeps comes from ``layer_plan.plan_layer``, as in export, so training and export agree,
 including the masked padding heads that uneven KV groups need (they stay in the model at mask 0). The history of
