@@ -17,7 +17,7 @@ import bitsandbytes as bnb
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from pipeline.export.compact import NF4_BLOCKSIZE, nf4_roundtrip
+from pipeline.model.loading import NF4_BLOCKSIZE, nf4_roundtrip
 from pipeline.model.structure import decoder_layers, layer_modules, structure_from_config
 from pipeline.train.shrink import layer_keep, slice_nf4_cols
 

@@ -247,5 +247,8 @@ def module_scores(refs: list[ModuleRef], layout: ScoreLayout, criterion: ModuleC
             v = criterion.module_score(dense_weight(w), ref, lora, grads, layout.unit_size(ref.name)).to(flat)
             dst = layout.slice(flat, ref.layer, ref.name)
             units = criterion.ctx.masks.unit_index(ref.layer, ref.name)  # a shrunk layer: its units' places
-            dst.copy_(v) if units is None else dst.index_copy_(0, units.to(dst.device), v)
+            if units is None:
+                dst.copy_(v)
+            else:
+                dst.index_copy_(0, units.to(dst.device), v)
     return flat
