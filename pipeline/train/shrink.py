@@ -169,16 +169,12 @@ class ShrinkHistory:
             return t
         layer = int(parts[parts.index("layers") + 1])
         module = next(p for p in parts if p in ROW_SLICED + COL_SLICED)
-        idx = keeps[layer].rows(module)
-        if module in ROW_SLICED and ".lora_B." in key:
-            full = t.new_zeros(_full_dim(module, s), t.shape[1])
-            full[idx] = t
-            return full
-        if module in COL_SLICED and ".lora_A." in key:
-            full = t.new_zeros(t.shape[0], _full_dim(module, s))
-            full[:, idx] = t
-            return full
-        return t
+        axis = lora_axis(module, _factor(key))
+        if axis is None:
+            return t
+        shape = list(t.shape)
+        shape[axis] = _full_dim(module, s)
+        return t.new_zeros(shape).index_copy_(axis, keeps[layer].rows(module), t)
 
 
 def _plan(t: dict[str, torch.Tensor], key: str) -> LayerPlan:
@@ -203,14 +199,29 @@ def _full_dim(module: str, s: Structure) -> int:
 # ------------------------------------------------------------------------------------- tensor-level cuts
 
 
-def slice_lora(module: str, a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cut one LoRA pair (A [r, in], B [out, r]); the same call slices its fp32 masters and AdamW moments,
-    which have the factors' shapes (elementwise optimizer state, so slicing commutes with the update)."""
+def lora_axis(module: str, factor: str) -> int | None:
+    """The axis of LoRA factor ``factor`` (``A`` [r, in] or ``B`` [out, r]) that a cut of ``module`` slices:
+    B's rows of a row-sliced projection, A's columns of a column-sliced one; None: the factor is not cut.
+    Its fp32 master and AdamW moments have its shape and are cut alike (elementwise optimizer state, so
+    slicing commutes with the update)."""
     if module in ROW_SLICED:
-        return a.clone(), b.index_select(0, idx)
+        return 0 if factor == "B" else None
     if module in COL_SLICED:
-        return a.index_select(1, idx), b.clone()
+        return 1 if factor == "A" else None
     raise ValueError(f"shrink: {module} is not a prunable projection")
+
+
+def _factor(key: str) -> str:
+    """``A`` or ``B`` from a LoRA parameter name (PEFT's ``...lora_A.default.weight``)."""
+    return "A" if ".lora_A." in key else "B"
+
+
+def slice_lora(module: str, a: torch.Tensor, b: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cut one LoRA pair (A [r, in], B [out, r]) to the units ``idx`` of ``module``."""
+    cut = [
+        t.clone() if (ax := lora_axis(module, f)) is None else t.index_select(ax, idx) for f, t in (("A", a), ("B", b))
+    ]
+    return cut[0], cut[1]
 
 
 def _absmax_fp32(state: bnb.functional.QuantState) -> torch.Tensor:
@@ -457,12 +468,8 @@ class OptimizerState:
         if name not in cuts:
             return t
         module, idx = cuts[name]
-        idx = idx.to(t.device)
-        if module in ROW_SLICED and ".lora_B." in name:
-            return t.index_select(0, idx)
-        if module in COL_SLICED and ".lora_A." in name:
-            return t.index_select(1, idx)
-        return t
+        axis = lora_axis(module, _factor(name))
+        return t if axis is None else t.index_select(axis, idx.to(t.device))
 
     def restore(self, engine: Any, named: list[tuple[str, nn.Parameter]], cuts: Cuts) -> None:
         from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
