@@ -167,10 +167,6 @@ class StepPerf:
             "step_peak_mb": (self._resident + transient) / MB,
         }
 
-    @property
-    def memory(self) -> dict[str, Any]:
-        return self.measured.get("memory", {})
-
     def summary(self) -> dict[str, Any]:
         timed = {t: s for t, s in self.seconds.items() if t != 1 and t not in self.probes}
         end = self.pruner.schedule.end if self.pruner.active else 0
